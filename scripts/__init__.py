@@ -1,0 +1,1 @@
+"""Offline jobs: fine-tune + export, data builders, benchmarks."""

@@ -1,0 +1,92 @@
+"""Fine-tune a pretrained backbone, evaluate it, export it to ONNX, check parity, publish it.
+
+    python -m scripts.finetune image-classification --quick
+    python -m scripts.finetune image-classification --data ./my_images --strategy partial --epochs 3
+
+Progress goes to stderr; the last line on stdout is the new artifact's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from models.manifest import TASKS
+from models.recipes import recipe
+
+DEFAULT_REGISTRY = Path(os.environ.get("MODEL_REGISTRY") or Path(__file__).resolve().parent.parent / "models" / "registry")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m scripts.finetune",
+        description="Fine-tune, evaluate, export to ONNX with a parity check, and write a versioned artifact.",
+    )
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--data", help="dataset: ImageFolder dir (images), COCO json (detection), CSV/JSONL (sentiment); "
+                   "default: the packaged demo data")
+    p.add_argument("--backbone", help="pretrained backbone: a torchvision model name, HF id or local folder "
+                   "(default: the packaged one)")
+    p.add_argument("--strategy", choices=["feature-extraction", "partial", "full", "auto"],
+                   help="what to train: the head only, the last blocks too, or everything (default: recipe's)")
+    p.add_argument("--trainable-blocks", type=int, help="with --strategy partial: how many last blocks train")
+    p.add_argument("--epochs", type=int, help="training epochs (default: recipe's)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="learning rate of the backbone layers")
+    p.add_argument("--image-size", type=int, help="model input size in pixels (images)")
+    p.add_argument("--name", help="artifact name in the registry (default: the task name)")
+    p.add_argument("--registry", default=str(DEFAULT_REGISTRY), help="registry root (default: $MODEL_REGISTRY "
+                   "or models/registry)")
+    p.add_argument("--init-from", help="start from an earlier artifact: NAME[/VERSION] or a folder")
+    p.add_argument("--quantize", choices=["int8"], help="also quantize the exported model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="the small, fast recipe (tests and demos)")
+    p.add_argument("--recipe", help="recipe name (default: 'quick' with --quick, else 'default')")
+    p.add_argument("--parity-tolerance", type=float, default=1e-3,
+                   help="max |torch - onnx| allowed on held-out outputs (default 1e-3)")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> dict:
+    name = args.recipe or ("quick" if args.quick else "default")
+    cfg = recipe(args.task, name)
+    cfg["recipe"] = name
+    cfg["seed"] = args.seed
+    overrides = {
+        "strategy": args.strategy,
+        "trainable_blocks": args.trainable_blocks,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "image_size": args.image_size,
+    }
+    for key, value in overrides.items():
+        if value is not None:
+            if key not in cfg:
+                raise SystemExit(f"--{key.replace('_', '-')} does not apply to {args.task}")
+            cfg[key] = value
+    if cfg.get("epochs", 1) < 1:
+        raise SystemExit("--epochs must be at least 1")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    cfg = resolve_config(args)
+    if args.task == "image-classification":
+        from scripts.train import image_classification as job
+    else:
+        raise SystemExit(f"task {args.task!r} is not available in this build of graft yet")
+    Path(args.registry).mkdir(parents=True, exist_ok=True)
+    folder = job.run(args, cfg)
+    print(folder, flush=True)
+    return folder
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)

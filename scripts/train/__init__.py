@@ -1,0 +1,1 @@
+"""Training, evaluation and export for each task (needs the `train` extra: torch, torchvision...)."""

@@ -1,0 +1,203 @@
+"""Image-classification datasets: Fashion-MNIST from the Debian package, or a user's ImageFolder.
+
+Every image reaches the model through `models.preprocess.ImagePreprocessor`, the same code the
+service runs, so evaluation measures exactly what will be served.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from models.preprocess import DecodeLimits, ImagePreprocessor
+
+from .common import hash_arrays, progress
+
+FASHION_MNIST_DIRS = (
+    os.environ.get("GRAFT_FASHION_MNIST", ""),
+    "/usr/share/datasets/fashion-mnist",
+)
+FASHION_MNIST_LABELS = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+
+
+@dataclass
+class ImageSplit:
+    """Either in-memory uint8 arrays (N,H,W) / (N,H,W,3), or image file paths."""
+
+    labels: np.ndarray
+    arrays: np.ndarray | None = None
+    paths: list[Path] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> ImageSplit:
+        return ImageSplit(
+            labels=self.labels[idx],
+            arrays=self.arrays[idx] if self.arrays is not None else None,
+            paths=[self.paths[i] for i in idx] if self.paths is not None else None,
+        )
+
+    def image(self, i: int) -> Image.Image:
+        if self.arrays is not None:
+            return Image.fromarray(self.arrays[i])
+        assert self.paths is not None
+        return Image.open(self.paths[i])
+
+    def encoded(self, i: int) -> bytes:
+        """The i-th image as file bytes (arrays are PNG-encoded, which is lossless)."""
+        if self.paths is not None:
+            return self.paths[i].read_bytes()
+        import io
+
+        buf = io.BytesIO()
+        self.image(i).save(buf, format="PNG")
+        return buf.getvalue()
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    labels: list[str]
+    train: ImageSplit
+    val: ImageSplit
+    test: ImageSplit
+    sha256: str
+    description: str = ""
+
+
+def _find_fashion_mnist() -> Path:
+    for d in FASHION_MNIST_DIRS:
+        if d and (Path(d) / "t10k-images-idx3-ubyte.gz").is_file():
+            return Path(d)
+    raise FileNotFoundError(
+        "Fashion-MNIST not found. Install the Debian package (apt-get install -y dataset-fashion-mnist), "
+        "set GRAFT_FASHION_MNIST to a folder with the four *-ubyte.gz files, or pass --data IMAGE_FOLDER."
+    )
+
+
+def _idx(path: Path, offset: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        return np.frombuffer(f.read(), np.uint8, offset=offset)
+
+
+def stratified_split(labels: np.ndarray, n_holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, holdout) with `n_holdout` items drawn per class in proportion."""
+    rng = np.random.default_rng(seed)
+    frac = n_holdout / len(labels)
+    keep, hold = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(len(idx) * frac))
+        hold.append(idx[:k])
+        keep.append(idx[k:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(hold))
+
+
+def load_fashion_mnist(val_size: int, seed: int, train_limit: int | None = None) -> ImageDataset:
+    d = _find_fashion_mnist()
+    x_train = _idx(d / "train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    y_train = _idx(d / "train-labels-idx1-ubyte.gz", 8).astype(np.int64)
+    x_test = _idx(d / "t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    y_test = _idx(d / "t10k-labels-idx1-ubyte.gz", 8).astype(np.int64)
+    digest = hash_arrays(x_train, y_train, x_test, y_test)
+    full = ImageSplit(labels=y_train, arrays=x_train)
+    keep, hold = stratified_split(y_train, val_size, seed)
+    train, val = full.subset(keep), full.subset(hold)
+    if train_limit is not None and train_limit < len(train):
+        keep2, _ = stratified_split(train.labels, len(train) - train_limit, seed + 1)
+        train = train.subset(keep2)
+    return ImageDataset(
+        name="fashion-mnist",
+        labels=list(FASHION_MNIST_LABELS),
+        train=train,
+        val=val,
+        test=ImageSplit(labels=y_test, arrays=x_test),
+        sha256=digest,
+        description="Fashion-MNIST (Debian dataset-fashion-mnist): 28x28 grey, train split less a "
+        f"stratified validation hold-out of {val_size}; test = the official 10,000 test images",
+    )
+
+
+def _scan_class_folders(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    paths: list[Path] = []
+    labels: list[int] = []
+    for ci, c in enumerate(classes):
+        for p in sorted((root / c).rglob("*")):
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                paths.append(p)
+                labels.append(ci)
+    return classes, paths, np.asarray(labels, dtype=np.int64)
+
+
+def load_image_folder(root: Path, val_size: int, seed: int, train_limit: int | None = None) -> ImageDataset:
+    """`root/{train,val,test}/<class>/*.jpg`, or `root/<class>/*.jpg` split 80/10/10 (stratified)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {root}: not a directory")
+    if (root / "train").is_dir():
+        classes, tr_paths, tr_y = _scan_class_folders(root / "train")
+        splits = {}
+        for split in ("val", "test"):
+            if (root / split).is_dir():
+                c2, p2, y2 = _scan_class_folders(root / split)
+                remap = np.asarray([classes.index(c) if c in classes else -1 for c in c2])
+                if (remap < 0).any():
+                    raise ValueError(f"{root / split} has classes missing from train: {set(c2) - set(classes)}")
+                splits[split] = ImageSplit(labels=remap[y2] if len(y2) else y2, paths=p2)
+        train = ImageSplit(labels=tr_y, paths=tr_paths)
+        if "val" not in splits:
+            keep, hold = stratified_split(train.labels, min(val_size, len(train) // 10 or 1), seed)
+            train, splits["val"] = train.subset(keep), train.subset(hold)
+        if "test" not in splits:
+            keep, hold = stratified_split(train.labels, max(1, len(train) // 10), seed + 2)
+            train, splits["test"] = train.subset(keep), train.subset(hold)
+        val, test = splits["val"], splits["test"]
+    else:
+        classes, paths, y = _scan_class_folders(root)
+        full = ImageSplit(labels=y, paths=paths)
+        rest, test_idx = stratified_split(y, max(1, len(y) // 10), seed + 2)
+        test = full.subset(test_idx)
+        rest_split = full.subset(rest)
+        keep, hold = stratified_split(rest_split.labels, max(1, min(val_size, len(rest) // 9)), seed)
+        train, val = rest_split.subset(keep), rest_split.subset(hold)
+    if len(classes) < 2:
+        raise ValueError(f"--data {root}: need at least 2 class folders, found {classes}")
+    if len(train) == 0:
+        raise ValueError(f"--data {root}: no images found (suffixes {sorted(IMAGE_SUFFIXES)})")
+    if train_limit is not None and train_limit < len(train):
+        keep2, _ = stratified_split(train.labels, len(train) - train_limit, seed + 1)
+        train = train.subset(keep2)
+    names = [str(p.relative_to(root)) for s in (train, val, test) for p in (s.paths or [])]
+    sizes = [p.stat().st_size for s in (train, val, test) for p in (s.paths or [])]
+    return ImageDataset(
+        name=root.name,
+        labels=classes,
+        train=train,
+        val=val,
+        test=test,
+        sha256=hash_arrays(names, sizes),
+        description=f"ImageFolder {root}",
+    )
+
+
+def to_tensors(split: ImageSplit, pre: ImagePreprocessor, desc: str) -> np.ndarray:
+    """Run every image of a split through the serving preprocessing (N x 3 x H x W float32)."""
+    out = np.empty((len(split), 3, pre.spec.height, pre.spec.width), dtype=np.float32)
+    limits = DecodeLimits()
+    for i in progress(range(len(split)), desc, total=len(split), unit="img"):
+        if split.paths is not None:
+            out[i] = pre.from_bytes(split.paths[i].read_bytes(), limits)[0]
+        else:
+            out[i] = pre(split.image(i))[0]
+    return out

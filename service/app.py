@@ -1,0 +1,144 @@
+"""graft's HTTP API: a FastAPI app that the BentoML service mounts (service/service.py).
+
+Routes stay a few lines each: find the model, hand it the payload, wrap the answer. Errors are
+one shape everywhere: `{"error": "<what was wrong>"}` with a 4xx status for bad input, 404 for
+an unknown model, 413 for oversize bodies or images, 503 (with Retry-After) when overloaded.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.errors import InvalidInput
+
+from .batching import QueueFull
+from .middleware import BodySizeLimit, RequestId
+from .pool import ModelPool
+from .schemas import ClassifyResponse, ErrorResponse, ModelsResponse, ReloadResponse
+
+log = logging.getLogger("graft.http")
+
+_state: dict[str, ModelPool] = {}
+
+ERRORS = {
+    400: {"model": ErrorResponse, "description": "the request is malformed; `error` says how"},
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    413: {"model": ErrorResponse, "description": "body or image too large"},
+    415: {"model": ErrorResponse, "description": "unsupported image format"},
+    503: {"model": ErrorResponse, "description": "overloaded or no model loaded; retry"},
+}
+
+
+def install_pool(pool: ModelPool) -> None:
+    """Called once per worker by the BentoML service after it loaded the registry."""
+    _state["pool"] = pool
+
+
+def get_pool() -> ModelPool:
+    pool = _state.get("pool")
+    if pool is None:
+        raise InvalidInput("the service is starting; no models are loaded yet", status_code=503)
+    return pool
+
+
+Pool = Annotated[ModelPool, Depends(get_pool)]
+
+app = FastAPI(
+    title="graft",
+    version="0.1.0",
+    description="Fine-tuned models served with ONNX Runtime: classification, detection, sentiment.",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,  # BentoML serves the merged OpenAPI document at /docs.json
+)
+app.add_middleware(BodySizeLimit)
+app.add_middleware(RequestId)
+
+
+def _error(status: int, message: str, detail: object | None = None, headers: dict[str, str] | None = None):
+    body: dict[str, object] = {"error": message}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@app.exception_handler(InvalidInput)
+async def _invalid_input(_: Request, exc: InvalidInput) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status_code == 503 else None
+    return _error(exc.status_code, str(exc), headers=headers)
+
+
+@app.exception_handler(QueueFull)
+async def _queue_full(_: Request, exc: QueueFull) -> JSONResponse:
+    return _error(503, f"overloaded, retry shortly: {exc}", headers={"Retry-After": "1"})
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header"))
+        problems.append(f"{loc or 'request'}: {err.get('msg', 'invalid')}")
+    return _error(400, "invalid request: " + "; ".join(problems[:5]))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    rid = request.scope.get("graft.request_id", "")
+    return _error(500, f"internal error (request id {rid}); the service is still up")
+
+
+@app.post("/classify", response_model=ClassifyResponse, responses=ERRORS, tags=["inference"])
+async def classify(
+    pool: Pool,
+    image: Annotated[UploadFile, File(description="the image: JPEG, PNG, WebP, BMP or GIF (first frame)")],
+    top_k: Annotated[int, Form(ge=1, le=1000, description="how many labels to return")] = 5,
+    model: Annotated[str | None, Form(max_length=64, description="model name; default: the task's model")] = None,
+) -> dict:
+    """Classify one image: the top-k labels with their probabilities."""
+    served = pool.get("image-classification", model)
+    data = await image.read()
+    predictions = await served.predict(data, top_k)
+    return {"model": served.ref(), "predictions": predictions}
+
+
+@app.get("/models", response_model=ModelsResponse, tags=["models"])
+async def list_models(pool: Pool) -> dict:
+    """Every model in the registry: served version, manifest summary, load status or errors."""
+    return {"models": pool.report()}
+
+
+def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
+    """Bearer-token check in constant time; refuses everything when no token is configured."""
+    token = get_pool().settings.admin_token
+    if not token:
+        raise InvalidInput("admin routes are disabled: set GRAFT_ADMIN_TOKEN to enable them", status_code=403)
+    if not authorization or not authorization.startswith("Bearer "):
+        raise InvalidInput("missing 'Authorization: Bearer <token>' header", status_code=401)
+    if not hmac.compare_digest(authorization[len("Bearer ") :].encode(), token.encode()):
+        raise InvalidInput("invalid admin token", status_code=403)
+
+
+@app.post(
+    "/admin/reload",
+    response_model=ReloadResponse,
+    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+    tags=["models"],
+    dependencies=[Depends(require_admin)],
+)
+async def admin_reload(pool: Pool) -> dict:
+    """Rescan the registry and swap in new valid versions without dropping requests."""
+    return await pool.reload()

@@ -1,0 +1,139 @@
+"""Service settings, read once from the environment. Every knob has a documented default."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REGISTRY = REPO_ROOT / "models" / "registry"
+
+
+def cpu_quota() -> int | None:
+    """CPUs granted by the cgroup (v2 cpu.max or v1 cfs quota), rounded up; None when unlimited.
+
+    Containers see every host core in os.cpu_count(); a thread pool sized from that oversubscribes
+    a pod limited to 2 CPUs. The quota is what the scheduler will actually give us.
+    """
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    try:
+        q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        p = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        if q > 0 and p > 0:
+            return max(1, -(-q // p))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: the cgroup quota if set, else its affinity mask."""
+    quota = cpu_quota()
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        affinity = os.cpu_count() or 1
+    return min(quota, affinity) if quota else affinity
+
+
+def _int(name: str, default: int, lo: int = 0) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}={raw!r} is not an integer") from e
+    if value < lo:
+        raise ValueError(f"{name}={value} must be >= {lo}")
+    return value
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}={raw!r} is not a number") from e
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Adaptive batching for one model (see service.batching)."""
+
+    max_batch_size: int = 32
+    # How long a request may wait for others to join its batch when the model is idle.
+    # 0 dispatches at once; while a batch runs, new requests queue and form the next one.
+    max_latency_ms: float = 0.0
+    max_queue: int = 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    registry: Path
+    ort_threads: int
+    decode_threads: int
+    workers: int
+    providers: tuple[str, ...]
+    batching_default: BatchingConfig
+    batching_per_model: dict[str, BatchingConfig] = field(default_factory=dict)
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_texts: int = 64
+    max_text_chars: int = 2000
+    admin_token: str | None = None
+    reload_interval_s: float = 0.0
+
+    def batching(self, model_name: str) -> BatchingConfig:
+        return self.batching_per_model.get(model_name, self.batching_default)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        cpus = available_cpus()
+        default_batching = BatchingConfig(
+            max_batch_size=_int("GRAFT_MAX_BATCH_SIZE", 32, lo=1),
+            max_latency_ms=_float("GRAFT_MAX_LATENCY_MS", 0.0),
+            max_queue=_int("GRAFT_MAX_QUEUE", 1024, lo=1),
+        )
+        per_model: dict[str, BatchingConfig] = {}
+        raw = os.environ.get("GRAFT_BATCHING")
+        if raw:
+            try:
+                parsed = json.loads(raw)
+                for name, cfg in parsed.items():
+                    merged = {**default_batching.__dict__, **cfg}
+                    per_model[name] = BatchingConfig(**merged)
+            except (ValueError, TypeError, AttributeError) as e:
+                raise ValueError(
+                    f'GRAFT_BATCHING must be JSON like {{"name": {{"max_batch_size": 16}}}}: {e}'
+                ) from e
+        workers = _int("GRAFT_WORKERS", 1, lo=1)
+        providers = tuple(
+            p.strip() for p in os.environ.get("GRAFT_ORT_PROVIDERS", "CPUExecutionProvider").split(",") if p.strip()
+        )
+        token = os.environ.get("GRAFT_ADMIN_TOKEN") or None
+        return cls(
+            registry=Path(os.environ.get("MODEL_REGISTRY") or DEFAULT_REGISTRY),
+            # Each worker gets an equal share of the CPU quota for ONNX Runtime's intra-op pool.
+            ort_threads=_int("GRAFT_ORT_THREADS", max(1, cpus // workers), lo=1),
+            decode_threads=_int("GRAFT_DECODE_THREADS", max(2, cpus // workers), lo=1),
+            workers=workers,
+            providers=providers,
+            batching_default=default_batching,
+            batching_per_model=per_model,
+            max_body_bytes=_int("GRAFT_MAX_BODY_BYTES", 20 * 1024 * 1024, lo=1024),
+            max_image_pixels=_int("GRAFT_MAX_IMAGE_PIXELS", 40_000_000, lo=1),
+            max_texts=_int("GRAFT_MAX_TEXTS", 64, lo=1),
+            max_text_chars=_int("GRAFT_MAX_TEXT_CHARS", 2000, lo=1),
+            admin_token=token,
+            reload_interval_s=_float("GRAFT_RELOAD_INTERVAL", 0.0),
+        )

@@ -1,0 +1,38 @@
+"""ONNX Runtime sessions with explicit, quota-derived threading."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnxruntime as ort
+
+log = logging.getLogger("graft.runtime")
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """Options for a serving session: a fixed intra-op pool, no idle spinning, full graph opts."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning threads burn the CPU quota between requests and starve request decoding.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+def create_session(
+    model_path: Path, *, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+) -> ort.InferenceSession:
+    """Open an ONNX model; providers not available in this onnxruntime build are skipped."""
+    available = set(ort.get_available_providers())
+    chosen = [p for p in providers if p in available]
+    if not chosen:
+        log.warning("none of %s is available (have %s); using CPU", providers, sorted(available))
+        chosen = ["CPUExecutionProvider"]
+    elif "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return ort.InferenceSession(str(model_path), sess_options=session_options(threads), providers=chosen)

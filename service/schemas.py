@@ -1,0 +1,37 @@
+"""Pydantic models of the HTTP API (they also document it in /docs.json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ModelRef(BaseModel):
+    name: str = Field(description="model name in the registry")
+    version: str = Field(description="the artifact version that produced this answer")
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float = Field(ge=0, le=1)
+
+
+class ClassifyResponse(BaseModel):
+    model: ModelRef
+    predictions: list[LabelScore]
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="what was wrong with the request, in words")
+    detail: Any | None = None
+
+
+class ModelsResponse(BaseModel):
+    models: list[dict[str, Any]]
+
+
+class ReloadResponse(BaseModel):
+    generation: int
+    changed: dict[str, dict[str, str | None]]
+    models: list[dict[str, Any]]

@@ -1,0 +1,50 @@
+"""The BentoML service: one instance per worker process, owning that worker's models.
+
+BentoML runs the server (workers, /livez, /readyz, /metrics, /docs.json, `bentoml build`);
+graft's routes live in a FastAPI app (service/app.py) mounted here, so that multipart parsing,
+size limits and error bodies are under graft's control. Start it with
+`bentoml serve service:Graft`.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import bentoml
+
+from . import tasks  # noqa: F401  (registers the task runners)
+from .app import app, install_pool
+from .config import Settings
+from .pool import ModelPool
+
+log = logging.getLogger("graft")
+
+SETTINGS = Settings.from_env()
+
+
+@bentoml.service(
+    name="graft",
+    workers=SETTINGS.workers,
+    traffic={"timeout": 60},
+)
+@bentoml.asgi_app(app, path="/")
+class Graft:
+    def __init__(self) -> None:
+        self.settings = SETTINGS
+        # One inference thread per worker: ONNX Runtime's own pool (ort_threads) does the
+        # parallel work, and a second concurrent run would only oversubscribe the CPU quota.
+        self.infer_executor = ThreadPoolExecutor(1, thread_name_prefix="graft-infer")
+        self.cpu_executor = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="graft-decode")
+        self.pool = ModelPool(self.settings, infer_executor=self.infer_executor, cpu_executor=self.cpu_executor)
+        self.pool.scan()
+        install_pool(self.pool)
+        log.info(
+            "graft worker ready: registry=%s models=%s ort_threads=%d",
+            self.settings.registry,
+            [f"{m.name}:{m.version}" for m in self.pool.served()],
+            self.settings.ort_threads,
+        )
+
+    def __is_ready__(self) -> bool:
+        return self.pool.ready

@@ -1,0 +1,3 @@
+"""Task-specific serving logic; importing this package registers every task."""
+
+from . import image_classification  # noqa: F401

@@ -1,0 +1,48 @@
+"""Serving logic for image classification: bytes -> tensor -> batched ONNX run -> top-k labels."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from models.manifest import ImagePreprocessing
+from models.postprocess import softmax, top_k
+from models.preprocess import DecodeLimits, ImagePreprocessor
+
+from ..served import ServedModel, register_task
+
+
+@register_task
+class ImageClassifier(ServedModel):
+    task = "image-classification"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        spec = self.manifest.preprocessing
+        assert isinstance(spec, ImagePreprocessing)
+        self.preprocessor = ImagePreprocessor(spec)
+        self.limits = DecodeLimits(max_pixels=self.settings.max_image_pixels)
+        self.labels = self.manifest.labels
+
+    def run_batch(self, items: Sequence[np.ndarray]) -> list[np.ndarray]:
+        batch = np.stack(items) if len(items) > 1 else items[0][None]
+        (logits,) = self.session.run(self.output_names[:1], {self.input_names[0]: batch})
+        return list(logits)
+
+    def logits_for_bytes(self, data: bytes) -> np.ndarray:
+        tensor, _ = self.preprocessor.from_bytes(data, self.limits)
+        return self.run_batch([tensor])[0]
+
+    def warmup_outputs(self) -> np.ndarray:
+        data = self.artifact.file(self.manifest.warmup.file).read_bytes()  # type: ignore[union-attr]
+        return self.logits_for_bytes(data)[None]
+
+    async def predict(self, data: bytes, k: int) -> list[dict[str, Any]]:
+        """Top-k labels for one encoded image (decoded off the event loop, batched with others)."""
+        loop = asyncio.get_running_loop()
+        tensor, _ = await loop.run_in_executor(self.cpu_executor, self.preprocessor.from_bytes, data, self.limits)
+        logits = await self.batcher.submit(tensor)
+        return top_k(softmax(logits), self.labels, k)

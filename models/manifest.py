@@ -82,9 +82,7 @@ class DetectionPostprocessing(_Strict):
     nms_in_graph: bool = False
 
 
-Postprocessing = Annotated[
-    ClassificationPostprocessing | DetectionPostprocessing, Field(discriminator="kind")
-]
+Postprocessing = Annotated[ClassificationPostprocessing | DetectionPostprocessing, Field(discriminator="kind")]
 
 
 class BaseModelInfo(_Strict):
@@ -209,9 +207,7 @@ class Manifest(_Strict):
             raise ValueError(f"task {self.task!r} does not match preprocessing kind {self.preprocessing.kind!r}")
         expects_det = self.task == "object-detection"
         if expects_det != isinstance(self.postprocessing, DetectionPostprocessing):
-            raise ValueError(
-                f"task {self.task!r} does not match postprocessing kind {self.postprocessing.kind!r}"
-            )
+            raise ValueError(f"task {self.task!r} does not match postprocessing kind {self.postprocessing.kind!r}")
         return self
 
     def summary(self) -> dict[str, Any]:

@@ -16,7 +16,9 @@ from pathlib import Path
 from models.manifest import TASKS
 from models.recipes import recipe
 
-DEFAULT_REGISTRY = Path(os.environ.get("MODEL_REGISTRY") or Path(__file__).resolve().parent.parent / "models" / "registry")
+DEFAULT_REGISTRY = Path(
+    os.environ.get("MODEL_REGISTRY") or Path(__file__).resolve().parent.parent / "models" / "registry"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,27 +27,42 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune, evaluate, export to ONNX with a parity check, and write a versioned artifact.",
     )
     p.add_argument("task", choices=TASKS)
-    p.add_argument("--data", help="dataset: ImageFolder dir (images), COCO json (detection), CSV/JSONL (sentiment); "
-                   "default: the packaged demo data")
-    p.add_argument("--backbone", help="pretrained backbone: a torchvision model name, HF id or local folder "
-                   "(default: the packaged one)")
-    p.add_argument("--strategy", choices=["feature-extraction", "partial", "full", "auto"],
-                   help="what to train: the head only, the last blocks too, or everything (default: recipe's)")
+    p.add_argument(
+        "--data",
+        help="dataset: ImageFolder dir (images), COCO json (detection), CSV/JSONL (sentiment); "
+        "default: the packaged demo data",
+    )
+    p.add_argument(
+        "--backbone",
+        help="pretrained backbone: a torchvision model name, HF id or local folder (default: the packaged one)",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=["feature-extraction", "partial", "full", "auto"],
+        help="what to train: the head only, the last blocks too, or everything (default: recipe's)",
+    )
     p.add_argument("--trainable-blocks", type=int, help="with --strategy partial: how many last blocks train")
     p.add_argument("--epochs", type=int, help="training epochs (default: recipe's)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="learning rate of the backbone layers")
     p.add_argument("--image-size", type=int, help="model input size in pixels (images)")
     p.add_argument("--name", help="artifact name in the registry (default: the task name)")
-    p.add_argument("--registry", default=str(DEFAULT_REGISTRY), help="registry root (default: $MODEL_REGISTRY "
-                   "or models/registry)")
+    p.add_argument(
+        "--registry",
+        default=str(DEFAULT_REGISTRY),
+        help="registry root (default: $MODEL_REGISTRY or models/registry)",
+    )
     p.add_argument("--init-from", help="start from an earlier artifact: NAME[/VERSION] or a folder")
     p.add_argument("--quantize", choices=["int8"], help="also quantize the exported model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="the small, fast recipe (tests and demos)")
     p.add_argument("--recipe", help="recipe name (default: 'quick' with --quick, else 'default')")
-    p.add_argument("--parity-tolerance", type=float, default=1e-3,
-                   help="max |torch - onnx| allowed on held-out outputs (default 1e-3)")
+    p.add_argument(
+        "--parity-tolerance",
+        type=float,
+        default=1e-3,
+        help="max |torch - onnx| allowed on held-out outputs (default 1e-3)",
+    )
     return p
 
 
@@ -72,13 +89,20 @@ def resolve_config(args: argparse.Namespace) -> dict:
     return cfg
 
 
+# task -> module under scripts.train with `run(args, cfg) -> Path`
+JOBS = {
+    "image-classification": "scripts.train.image_classification",
+}
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
-    if args.task == "image-classification":
-        from scripts.train import image_classification as job
-    else:
+    if args.task not in JOBS:
         raise SystemExit(f"task {args.task!r} is not available in this build of graft yet")
+    import importlib
+
+    job = importlib.import_module(JOBS[args.task])
     Path(args.registry).mkdir(parents=True, exist_ok=True)
     folder = job.run(args, cfg)
     print(folder, flush=True)

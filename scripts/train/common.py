@@ -161,8 +161,15 @@ def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: Path, title: str
     for i in range(n):
         for j in range(n):
             if cm[i, j]:
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -225,8 +232,12 @@ def export_onnx(
     import onnx
 
     onnx.checker.check_model(str(path))
-    info = {"opset": opset, "exporter": f"torch.onnx (TorchScript) torch {torch.__version__}",
-            "seconds": round(time.perf_counter() - start, 2), "bytes": path.stat().st_size}
+    info = {
+        "opset": opset,
+        "exporter": f"torch.onnx (TorchScript) torch {torch.__version__}",
+        "seconds": round(time.perf_counter() - start, 2),
+        "bytes": path.stat().st_size,
+    }
     log(f"exported {path.name}: {info['bytes'] / 1e6:.1f} MB in {info['seconds']} s")
     return info
 
@@ -338,7 +349,13 @@ def write_model_card(folder: Path, manifest: Manifest, images: Sequence[str] = (
             lines += [f"| {b} | {k} | {v:.4f} |" for k, v in vals.items()]
     if m.metrics.per_class:
         keys = list(next(iter(m.metrics.per_class.values())).keys())
-        lines += ["", "### Per class", "", "| label | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [
+            "",
+            "### Per class",
+            "",
+            "| label | " + " | ".join(keys) + " |",
+            "|---" * (len(keys) + 1) + "|",
+        ]
         for label, vals in m.metrics.per_class.items():
             lines.append(f"| {label} | " + " | ".join(f"{vals[k]:.4g}" for k in keys) + " |")
     notes = m.training.notes + m.metrics.notes
@@ -351,7 +368,8 @@ def write_model_card(folder: Path, manifest: Manifest, images: Sequence[str] = (
         "",
         f"ONNX opset {m.export.opset}, {m.export.exporter}; onnxruntime {m.export.onnxruntime_version}.",
         f"Parity against PyTorch on {p.samples:,} held-out inputs through the serving preprocessing: "
-        f"max abs difference {p.max_abs_diff:.2e} (tolerance {p.tolerance:g}), label agreement {p.label_agreement:.4%}.",
+        f"max abs difference {p.max_abs_diff:.2e} (tolerance {p.tolerance:g}), "
+        f"label agreement {p.label_agreement:.4%}.",
     ]
     q = m.export.quantization
     if q is not None:

@@ -153,8 +153,10 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
     set_seed(cfg["seed"])
     with timed("load data"):
         data = load_data(args, cfg)
-    log(f"dataset {data.name}: {len(data.labels)} classes, train {len(data.train)}, val {len(data.val)}, "
-        f"test {len(data.test)}")
+    log(
+        f"dataset {data.name}: {len(data.labels)} classes, train {len(data.train)}, val {len(data.val)}, "
+        f"test {len(data.test)}"
+    )
     spec = ImagePreprocessing(height=cfg["image_size"], width=cfg["image_size"])
     pre = ImagePreprocessor(spec)
     backbone = load_image_backbone(args.backbone or "mobilenet_v2", len(data.labels))
@@ -166,8 +168,10 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
     frozen = [f"stage{i}" for i in range(cut)]
     n_total = sum(p.numel() for p in trunk.parameters()) + sum(p.numel() for p in top.parameters())
     n_train = sum(p.numel() for p in top.parameters())
-    log(f"{backbone.name}: strategy {cfg['strategy']}, {cut} frozen stage(s), "
-        f"{n_train:,} of {n_total:,} parameters trainable, {threads} thread(s)")
+    log(
+        f"{backbone.name}: strategy {cfg['strategy']}, {cut} frozen stage(s), "
+        f"{n_train:,} of {n_total:,} parameters trainable, {threads} thread(s)"
+    )
 
     with timed("preprocess") as t_pre:
         x_train = to_tensors(data.train, pre, "preprocess train")
@@ -180,8 +184,7 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
     del x_train, x_val
 
     with timed("train") as t_train:
-        history, best = train_top(top, backbone.stages[-1], f_train, data.train.labels, f_val,
-                                  data.val.labels, cfg)
+        history, best = train_top(top, backbone.stages[-1], f_train, data.train.labels, f_val, data.val.labels, cfg)
     top.load_state_dict(best)
 
     with timed("evaluate"):
@@ -215,14 +218,21 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
         expected = sess.run(["logits"], {"input": sample_tensor[None]})[0]
 
         images = [
-            plot_confusion(report.confusion, data.labels, staging.path("confusion_matrix.png"),
-                           f"{data.name} test: accuracy {report.accuracy:.4f}").name,
+            plot_confusion(
+                report.confusion,
+                data.labels,
+                staging.path("confusion_matrix.png"),
+                f"{data.name} test: accuracy {report.accuracy:.4f}",
+            ).name,
             plot_history(history, staging.path("learning_curve.png"), "training").name,
         ]
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(staging.path("checkpoint.safetensors")),
-                  metadata={"backbone": backbone.name, "cut": str(cut)})
+        save_file(
+            {k: v.contiguous() for k, v in full.state_dict().items()},
+            str(staging.path("checkpoint.safetensors")),
+            metadata={"backbone": backbone.name, "cut": str(cut)},
+        )
 
         manifest = Manifest(
             name=staging.name,
@@ -251,14 +261,19 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
                 ),
                 wall_time_s=round(time.perf_counter() - started, 1),
                 device="cpu",
-                config={**cfg, "backbone": backbone.name, "threads": threads,
-                        "timings_s": {"preprocess": round(t_pre["seconds"], 1),
-                                      "frozen_trunk": round(t_trunk["seconds"], 1),
-                                      "train": round(t_train["seconds"], 1)}},
+                config={
+                    **cfg,
+                    "backbone": backbone.name,
+                    "threads": threads,
+                    "timings_s": {
+                        "preprocess": round(t_pre["seconds"], 1),
+                        "frozen_trunk": round(t_trunk["seconds"], 1),
+                        "train": round(t_train["seconds"], 1),
+                    },
+                },
                 history=history,
             ),
-            metrics=Metrics(split="test", samples=report.samples, values=report.values(),
-                            per_class=report.per_class),
+            metrics=Metrics(split="test", samples=report.samples, values=report.values(), per_class=report.per_class),
             export=ExportInfo(
                 opset=export["opset"],
                 exporter=export["exporter"],
@@ -273,4 +288,3 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
     except BaseException:
         staging.discard()
         raise
-

@@ -97,7 +97,7 @@ def stratified_split(labels: np.ndarray, n_holdout: int, seed: int) -> tuple[np.
     keep, hold = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        k = int(round(len(idx) * frac))
+        k = round(len(idx) * frac)
         hold.append(idx[:k])
         keep.append(idx[k:])
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(hold))

@@ -1,0 +1,82 @@
+"""Shared fixtures: one registry per test session, filled by the real fine-tune script's
+quick recipes, and real `bentoml serve` processes on loopback."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+os.environ.setdefault("GRAFT_NO_PROGRESS", "1")
+
+FASHION = Path(os.environ.get("GRAFT_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's model registry. GRAFT_TEST_REGISTRY reuses a pre-built one (local runs)."""
+    reuse = os.environ.get("GRAFT_TEST_REGISTRY")
+    if reuse:
+        path = Path(reuse)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp("registry")
+
+
+def _build(registry: Path, task: str, *extra: str) -> Path:
+    """The newest valid artifact of `task` in the registry, built with --quick if there is none."""
+    from scripts.ensure_models import has_valid_version
+    from scripts.finetune import main
+
+    existing = has_valid_version(registry, task)
+    if existing:
+        return registry / task / existing
+    return main([task, "--quick", "--registry", str(registry), *extra])
+
+
+@pytest.fixture(scope="session")
+def image_artifact(registry: Path) -> Path:
+    return _build(registry, "image-classification")
+
+
+@pytest.fixture(scope="session")
+def fashion_test() -> tuple[np.ndarray, np.ndarray]:
+    """The official Fashion-MNIST test split (10,000 images, labels)."""
+    x = np.frombuffer(gzip.open(FASHION / "t10k-images-idx3-ubyte.gz").read(), np.uint8, offset=16)
+    y = np.frombuffer(gzip.open(FASHION / "t10k-labels-idx1-ubyte.gz").read(), np.uint8, offset=8)
+    return x.reshape(-1, 28, 28), y.astype(np.int64)
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def copy_artifact(tmp_path: Path):
+    """Copy an artifact into a fresh registry so a test can tamper with it."""
+
+    def _copy(src: Path) -> Path:
+        dst = tmp_path / "reg" / src.parent.name / src.name
+        shutil.copytree(src, dst)
+        return dst
+
+    return _copy
+
+
+@pytest.fixture(scope="session")
+def server(registry: Path, image_artifact: Path) -> Iterator[object]:
+    """One real `bentoml serve` over the session registry, shared by read-only HTTP tests."""
+    from scripts.server_process import BentoServer
+
+    with BentoServer(registry) as srv:
+        yield srv

@@ -1,0 +1,145 @@
+"""The adaptive batcher: concurrent requests share runs, results go back to their callers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.batching import Batcher, QueueFull
+
+
+@pytest.fixture
+def executor():
+    ex = ThreadPoolExecutor(1)
+    yield ex
+    ex.shutdown()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_items_share_batches_and_keep_order(executor) -> None:
+    sizes: list[int] = []
+    gate = threading.Event()
+
+    def fn(items):
+        gate.wait(5)  # hold the first run so the rest queue up behind it
+        sizes.append(len(items))
+        return [x * 10 for x in items]
+
+    async def main():
+        b = Batcher(fn, executor=executor, max_batch_size=8)
+        tasks = [asyncio.create_task(b.submit(i)) for i in range(20)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await asyncio.gather(*tasks), b
+
+    results, b = run(main())
+    assert results == [i * 10 for i in range(20)]
+    assert sum(sizes) == 20 and max(sizes) <= 8
+    assert max(sizes) > 1, "concurrent requests should have been batched"
+    assert b.stats.items == 20 and b.stats.batches == len(sizes)
+
+
+def test_single_request_is_not_delayed(executor) -> None:
+    async def main():
+        b = Batcher(lambda xs: xs, executor=executor, max_batch_size=32)
+        start = time.perf_counter()
+        await b.submit(1)
+        return time.perf_counter() - start
+
+    assert run(main()) < 0.05
+
+
+def test_max_latency_waits_for_company(executor) -> None:
+    sizes: list[int] = []
+
+    def fn(items):
+        sizes.append(len(items))
+        return items
+
+    async def main():
+        b = Batcher(fn, executor=executor, max_batch_size=4, max_latency_ms=200)
+        first = asyncio.create_task(b.submit(0))
+        await asyncio.sleep(0.02)
+        rest = [asyncio.create_task(b.submit(i)) for i in range(1, 4)]
+        await asyncio.gather(first, *rest)
+
+    run(main())
+    assert sizes == [4]
+
+
+def test_a_failing_run_fails_only_its_batch(executor) -> None:
+    def fn(items):
+        if "bad" in items:
+            raise ValueError("boom")
+        return items
+
+    async def main():
+        b = Batcher(fn, executor=executor, max_batch_size=1)
+        with pytest.raises(ValueError, match="boom"):
+            await b.submit("bad")
+        return await b.submit("good")
+
+    assert run(main()) == "good"
+
+
+def test_queue_bound_refuses_new_items(executor) -> None:
+    gate = threading.Event()
+
+    def fn(items):
+        gate.wait(5)
+        return items
+
+    async def main():
+        b = Batcher(fn, executor=executor, max_batch_size=1, max_queue=2)
+        running = asyncio.create_task(b.submit(0))
+        await asyncio.sleep(0.02)  # item 0 is running, the queue is empty again
+        queued = [asyncio.create_task(b.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull):
+            await b.submit(3)
+        gate.set()
+        return await asyncio.gather(running, *queued)
+
+    assert run(main()) == [0, 1, 2]
+
+
+def test_cancelled_requests_are_skipped(executor) -> None:
+    seen: list[int] = []
+    gate = threading.Event()
+
+    def fn(items):
+        gate.wait(5)
+        seen.extend(items)
+        return items
+
+    async def main():
+        b = Batcher(fn, executor=executor, max_batch_size=8)
+        first = asyncio.create_task(b.submit(0))
+        await asyncio.sleep(0.02)
+        doomed = asyncio.create_task(b.submit(1))
+        kept = asyncio.create_task(b.submit(2))
+        await asyncio.sleep(0.01)
+        doomed.cancel()
+        gate.set()
+        return await asyncio.gather(first, kept)
+
+    assert run(main()) == [0, 2]
+    assert 1 not in seen
+
+
+def test_close_drains_queued_items(executor) -> None:
+    async def main():
+        b = Batcher(lambda xs: [x + 1 for x in xs], executor=executor)
+        tasks = [asyncio.create_task(b.submit(i)) for i in range(5)]
+        await asyncio.sleep(0)
+        await b.close()
+        return await asyncio.gather(*tasks)
+
+    assert run(main()) == [1, 2, 3, 4, 5]

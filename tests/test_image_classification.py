@@ -1,0 +1,188 @@
+"""The image-classification slice end to end: the real fine-tune script's quick recipe, its
+artifact, and a real `bentoml serve` answering /classify over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.artifact import load_artifact
+from models.errors import ArtifactError
+from tests.conftest import encode
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_recipe_artifact_is_complete_and_accurate(image_artifact: Path) -> None:
+    art = load_artifact(image_artifact)
+    m = art.manifest
+    assert m.task == "image-classification" and len(m.labels) == 10
+    assert m.metrics.samples == 10_000  # the whole official test split
+    assert m.metrics.values["accuracy"] >= 0.80
+    assert m.export.parity.passed
+    assert m.export.parity.label_agreement >= 0.999 and m.export.parity.max_abs_diff <= 1e-3
+    assert m.training.dataset.sha256 and m.training.dataset.splits["test"] == 10_000
+    assert m.inputs[0].shape[0] == "batch"
+    for f in ("model.onnx", "model_card.md", "confusion_matrix.png", "learning_curve.png", "sample.png"):
+        assert f in m.files, f
+    assert set(m.metrics.per_class) == set(m.labels)
+
+
+def test_tampered_artifact_is_refused(image_artifact: Path, copy_artifact) -> None:
+    copy = copy_artifact(image_artifact)
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum mismatch for model.onnx"):
+        load_artifact(copy)
+
+
+def test_finetune_rejects_options_that_do_not_apply(tmp_path: Path) -> None:
+    from scripts.finetune import main
+
+    with pytest.raises(SystemExit):
+        main(["image-classification", "--quick", "--registry", str(tmp_path), "--epochs", "0"])
+
+
+@pytest.mark.integration
+def test_classify_accuracy_over_http(server, fashion_test) -> None:
+    """Real test images (PNG and JPEG) through real HTTP meet the quick recipe's floor."""
+    x, y = fashion_test
+    idx = np.random.default_rng(1).choice(len(x), 400, replace=False)
+    correct = 0
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for n, i in enumerate(idx):
+            img = Image.fromarray(x[i])
+            fmt = "PNG" if n % 2 else "JPEG"
+            r = client.post(
+                "/classify",
+                files={
+                    "image": (
+                        f"t.{fmt.lower()}",
+                        encode(img, fmt, **({"quality": 95} if fmt == "JPEG" else {})),
+                    )
+                },
+                data={"top_k": "3"},
+            )
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert len(body["predictions"]) == 3
+            scores = [p["score"] for p in body["predictions"]]
+            assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
+            labels = load_labels(server)
+            correct += body["predictions"][0]["label"] == labels[y[i]]
+    accuracy = correct / len(idx)
+    assert accuracy >= 0.80, accuracy
+
+
+_labels_cache: dict[str, list[str]] = {}
+
+
+def load_labels(server) -> list[str]:
+    if "l" not in _labels_cache:
+        models = httpx.get(server.url + "/models").json()["models"]
+        m = next(m for m in models if m["task"] == "image-classification")
+        _labels_cache["l"] = m["manifest"]["labels"]
+    return _labels_cache["l"]
+
+
+@pytest.mark.integration
+def test_response_names_the_version_and_request_id(server, image_artifact: Path) -> None:
+    img = encode(Image.new("RGB", (50, 80), (128, 128, 128)))
+    r = httpx.post(server.url + "/classify", files={"image": ("x.png", img)}, headers={"X-Request-ID": "abc-123"})
+    assert r.status_code == 200
+    assert r.json()["model"] == {"name": "image-classification", "version": image_artifact.name}
+    assert r.headers["x-request-id"] == "abc-123"
+    assert len(r.json()["predictions"]) == 5  # default top_k
+
+
+@pytest.mark.integration
+def test_concurrent_requests_are_batched(server, fashion_test) -> None:
+    x, _ = fashion_test
+    payloads = [encode(Image.fromarray(x[i])) for i in range(64)]
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+
+            async def one(p: bytes):
+                return await client.post("/classify", files={"image": ("x.png", p)})
+
+            return await asyncio.gather(*(one(p) for p in payloads))
+
+    before = _batching(server)
+    responses = asyncio.run(fire())
+    assert all(r.status_code == 200 for r in responses)
+    after = _batching(server)
+    runs = after["batches"] - before["batches"]
+    assert after["items"] - before["items"] == 64
+    assert runs < 64, f"64 concurrent requests took {runs} ONNX runs: no batching happened"
+    assert after["largest_batch"] > 1
+
+
+def _batching(server) -> dict:
+    models = httpx.get(server.url + "/models").json()["models"]
+    return next(m for m in models if m["name"] == "image-classification")["manifest"]["batching"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("kwargs", "status", "needle"),
+    [
+        ({"files": {"image": ("x.txt", b"plain text")}}, 415, "not a supported format"),
+        ({"data": {"top_k": "3"}}, 400, "image"),
+        ({"files": {"image": ("x.png", b"")}}, 400, "empty"),
+        (
+            {"files": {"image": ("x.png", encode(Image.new("RGB", (8, 8))))}, "data": {"top_k": "0"}},
+            400,
+            "top_k",
+        ),
+        (
+            {"files": {"image": ("x.png", encode(Image.new("RGB", (8, 8))))}, "data": {"top_k": "many"}},
+            400,
+            "top_k",
+        ),
+        (
+            {"files": {"image": ("x.png", encode(Image.new("RGB", (8, 8))))}, "data": {"model": "nope"}},
+            404,
+            "unknown model",
+        ),
+        (
+            {
+                "content": b'{"image": "http://169.254.169.254/"}',
+                "headers": {"content-type": "application/json"},
+            },
+            400,
+            "image",
+        ),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx(server, kwargs, status, needle) -> None:
+    r = httpx.post(server.url + "/classify", **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert needle in body["error"], body
+
+
+@pytest.mark.integration
+def test_oversized_body_is_413_and_service_stays_up(server) -> None:
+    big = b"\x00" * (21 * 1024 * 1024)
+    r = httpx.post(server.url + "/classify", files={"image": ("big.png", big)}, timeout=60)
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    ok = httpx.post(server.url + "/classify", files={"image": ("x.png", encode(Image.new("RGB", (8, 8))))})
+    assert ok.status_code == 200
+
+
+@pytest.mark.integration
+def test_models_lists_the_served_version(server, image_artifact: Path) -> None:
+    body = httpx.get(server.url + "/models").json()
+    entry = next(m for m in body["models"] if m["name"] == "image-classification")
+    assert entry["status"] == "ready" and entry["served_version"] == image_artifact.name
+    manifest = json.loads((image_artifact / "manifest.json").read_text())
+    assert entry["manifest"]["labels"] == manifest["labels"]
+    assert httpx.get(server.url + "/readyz").status_code == 200

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -21,11 +21,12 @@ from models.errors import InvalidInput
 from .batching import QueueFull
 from .middleware import BodySizeLimit, RequestId
 from .pool import ModelPool
+from .reload import Reloader
 from .schemas import ClassifyResponse, ErrorResponse, ModelsResponse, ReloadResponse
 
 log = logging.getLogger("graft.http")
 
-_state: dict[str, ModelPool] = {}
+_state: dict[str, Any] = {}
 
 ERRORS = {
     400: {"model": ErrorResponse, "description": "the request is malformed; `error` says how"},
@@ -36,9 +37,10 @@ ERRORS = {
 }
 
 
-def install_pool(pool: ModelPool) -> None:
+def install(pool: ModelPool, reloader: Reloader) -> None:
     """Called once per worker by the BentoML service after it loaded the registry."""
     _state["pool"] = pool
+    _state["reloader"] = reloader
 
 
 def get_pool() -> ModelPool:
@@ -140,5 +142,9 @@ def require_admin(authorization: Annotated[str | None, Header()] = None) -> None
     dependencies=[Depends(require_admin)],
 )
 async def admin_reload(pool: Pool) -> dict:
-    """Rescan the registry and swap in new valid versions without dropping requests."""
-    return await pool.reload()
+    """Rescan the registry and swap in new valid versions in every worker, without dropping requests.
+
+    Answers once every worker has reloaded (or after 60 s), with `workers.converged`.
+    """
+    reloader: Reloader = _state["reloader"]
+    return await reloader.reload_everywhere(expected_workers=pool.settings.workers)

@@ -116,5 +116,6 @@ class ServedModel(ABC):
             },
         }
 
-    async def close(self) -> None:
-        await self.batcher.close()
+    async def drain(self) -> None:
+        """Let queued requests finish (after a swap); the session is freed with the last reference."""
+        await self.batcher.drain()

@@ -152,9 +152,11 @@ def cmd_import(root: Path, args: argparse.Namespace) -> int:
 
 def cmd_reload(root: Path, args: argparse.Namespace) -> int:
     token = os.environ.get("GRAFT_ADMIN_TOKEN", "")
-    req = urllib.request.Request(
+    if not args.url.startswith(("http://", "https://")):
+        raise ArtifactError(f"--url must be http(s)://, got {args.url!r}")
+    req = urllib.request.Request(  # noqa: S310 (scheme checked above)
         args.url.rstrip("/") + "/admin/reload",
-        method="POST",  # noqa: S310
+        method="POST",
         headers={"Authorization": f"Bearer {token}"},
     )
     try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import bentoml
 
@@ -19,7 +19,7 @@ from . import tasks  # noqa: F401  (registers the task runners)
 from .app import app, install
 from .config import Settings
 from .pool import ModelPool
-from .reload import ReloadSignal, Reloader
+from .reload import Reloader, ReloadSignal
 
 log = logging.getLogger("graft")
 

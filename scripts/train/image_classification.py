@@ -140,6 +140,28 @@ def train_top(
     return history, best_state
 
 
+def load_init(args: Namespace) -> dict[str, Any]:
+    """Weights, labels and backbone of the artifact named by --init-from."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from models.artifact import load_artifact
+    from scripts.registry import resolve_ref
+
+    art = load_artifact(resolve_ref(Path(args.registry), args.init_from))
+    if art.manifest.task != "image-classification":
+        raise SystemExit(f"--init-from {args.init_from}: a {art.manifest.task} artifact, not image-classification")
+    ckpt = art.file("checkpoint.safetensors")
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {
+        "ref": f"{art.name}/{art.version}",
+        "labels": art.manifest.labels,
+        "backbone": meta.get("backbone", art.manifest.base_model.architecture),
+        "state": load_file(str(ckpt)),
+    }
+
+
 def load_data(args: Namespace, cfg: dict[str, Any]) -> ImageDataset:
     if args.data:
         return load_image_folder(Path(args.data), cfg["val_size"], cfg["seed"], cfg["train_limit"])
@@ -159,7 +181,19 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
     )
     spec = ImagePreprocessing(height=cfg["image_size"], width=cfg["image_size"])
     pre = ImagePreprocessor(spec)
-    backbone = load_image_backbone(args.backbone or "mobilenet_v2", len(data.labels))
+    init = load_init(args) if args.init_from else None
+    backbone_name = args.backbone or (init["backbone"] if init else "mobilenet_v2")
+    backbone = load_image_backbone(backbone_name, len(data.labels))
+    init_note = None
+    if init is not None:
+        if init["backbone"] != backbone_name:
+            raise SystemExit(f"--init-from {init['ref']} is a {init['backbone']} model, not {backbone_name}")
+        same_classes = init["labels"] == data.labels
+        reset = backbone.load_checkpoint(init["state"], keep_head=same_classes)
+        init_note = f"initialised from {init['ref']}" + (
+            "" if same_classes else f"; classes changed, head re-initialised ({', '.join(reset)})"
+        )
+        log(init_note)
     cut = trainable_from(cfg["strategy"], backbone, cfg["trainable_blocks"])
     trunk = nn.Sequential(*backbone.stages[:cut]).to(memory_format=torch.channels_last)
     top = nn.Sequential(*backbone.stages[cut:]).to(memory_format=torch.channels_last)
@@ -229,9 +263,9 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
         from safetensors.torch import save_file
 
         save_file(
-            {k: v.contiguous() for k, v in full.state_dict().items()},
+            {k: v.contiguous() for k, v in backbone.model.state_dict().items()},
             str(staging.path("checkpoint.safetensors")),
-            metadata={"backbone": backbone.name, "cut": str(cut)},
+            metadata={"backbone": backbone.name},
         )
 
         manifest = Manifest(
@@ -272,6 +306,8 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
                     },
                 },
                 history=history,
+                init_from=init["ref"] if init else None,
+                notes=[init_note] if init_note else [],
             ),
             metrics=Metrics(split="test", samples=report.samples, values=report.values(), per_class=report.per_class),
             export=ExportInfo(

@@ -18,6 +18,7 @@ import bentoml
 from . import tasks  # noqa: F401  (registers the task runners)
 from .app import app, install
 from .config import Settings
+from .logs import install_request_id_logging
 from .pool import ModelPool
 from .reload import Reloader, ReloadSignal
 
@@ -48,6 +49,7 @@ class Graft:
             self.settings.reload_interval_s,
         )
         install(self.pool, self.reloader)
+        install_request_id_logging()
         log.info(
             "graft worker ready: registry=%s models=%s ort_threads=%d",
             self.settings.registry,

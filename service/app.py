@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -20,13 +20,12 @@ from models.errors import InvalidInput
 
 from .batching import QueueFull
 from .middleware import BodySizeLimit, RequestId
-from .pool import ModelPool
 from .reload import Reloader
 from .schemas import ClassifyResponse, ErrorResponse, ModelsResponse, ReloadResponse
+from .state import Pool, get_pool, get_reloader
+from .v2 import router as v2_router
 
 log = logging.getLogger("graft.http")
-
-_state: dict[str, Any] = {}
 
 ERRORS = {
     400: {"model": ErrorResponse, "description": "the request is malformed; `error` says how"},
@@ -35,22 +34,6 @@ ERRORS = {
     415: {"model": ErrorResponse, "description": "unsupported image format"},
     503: {"model": ErrorResponse, "description": "overloaded or no model loaded; retry"},
 }
-
-
-def install(pool: ModelPool, reloader: Reloader) -> None:
-    """Called once per worker by the BentoML service after it loaded the registry."""
-    _state["pool"] = pool
-    _state["reloader"] = reloader
-
-
-def get_pool() -> ModelPool:
-    pool = _state.get("pool")
-    if pool is None:
-        raise InvalidInput("the service is starting; no models are loaded yet", status_code=503)
-    return pool
-
-
-Pool = Annotated[ModelPool, Depends(get_pool)]
 
 app = FastAPI(
     title="graft",
@@ -117,6 +100,9 @@ async def classify(
     return {"model": served.ref(), "predictions": predictions}
 
 
+app.include_router(v2_router)
+
+
 @app.get("/models", response_model=ModelsResponse, tags=["models"])
 async def list_models(pool: Pool) -> dict:
     """Every model in the registry: served version, manifest summary, load status or errors."""
@@ -146,5 +132,5 @@ async def admin_reload(pool: Pool) -> dict:
 
     Answers once every worker has reloaded (or after 60 s), with `workers.converged`.
     """
-    reloader: Reloader = _state["reloader"]
+    reloader: Reloader = get_reloader()
     return await reloader.reload_everywhere(expected_workers=pool.settings.workers)

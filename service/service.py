@@ -16,11 +16,12 @@ from pathlib import Path
 import bentoml
 
 from . import tasks  # noqa: F401  (registers the task runners)
-from .app import app, install
+from .app import app
 from .config import Settings
 from .logs import install_request_id_logging
 from .pool import ModelPool
 from .reload import Reloader, ReloadSignal
+from .state import install
 
 log = logging.getLogger("graft")
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import InvalidInput
@@ -101,6 +102,21 @@ async def classify(
 
 
 app.include_router(v2_router)
+
+
+UI_HTML = (Path(__file__).parent / "static" / "ui.html").read_bytes()
+
+
+@app.get("/ui", response_class=HTMLResponse, include_in_schema=False)
+async def demo_page() -> HTMLResponse:
+    """A small demo page: drop an image, type a text, see what the models say."""
+    return HTMLResponse(
+        UI_HTML,
+        headers={
+            "Content-Security-Policy": "default-src 'self'; "
+            "script-src 'unsafe-inline' 'self'; style-src 'unsafe-inline'; img-src 'self' blob:"
+        },
+    )
 
 
 @app.get("/models", response_model=ModelsResponse, tags=["models"])

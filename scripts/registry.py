@@ -193,9 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     root = Path(args.registry)
     handler = {
-        "list": cmd_list, "verify": cmd_verify, "pin": cmd_pin, "unpin": cmd_unpin,
-        "prune": cmd_prune, "import": cmd_import, "reload": cmd_reload,
-    }[args.cmd]  # fmt: skip
+        "list": cmd_list,
+        "verify": cmd_verify,
+        "pin": cmd_pin,
+        "unpin": cmd_unpin,
+        "prune": cmd_prune,
+        "import": cmd_import,
+        "reload": cmd_reload,
+    }[args.cmd]
     try:
         return handler(root, args)
     except ArtifactError as e:

@@ -39,8 +39,14 @@ V2_DTYPES: dict[str, np.dtype | None] = {
     "FP64": np.dtype(np.float64),
     "BYTES": None,
 }
-MANIFEST_TO_V2 = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "uint8": "UINT8",
-                  "bool": "BOOL"}  # fmt: skip
+MANIFEST_TO_V2 = {
+    "float32": "FP32",
+    "float16": "FP16",
+    "int64": "INT64",
+    "int32": "INT32",
+    "uint8": "UINT8",
+    "bool": "BOOL",
+}
 MAX_V2_BATCH = 256
 
 
@@ -245,8 +251,9 @@ async def infer(model: ServedModel, request: Request) -> Response:
             labels = model.manifest.labels
             strings = [
                 f"{probs[r, c]:.6f}:{c}:{labels[c] if c < len(labels) else c}".encode()
-                for r in range(top.shape[0]) for c in top[r]
-            ]  # fmt: skip
+                for r in range(top.shape[0])
+                for c in top[r]
+            ]
             entry: dict[str, Any] = {"name": o.name, "datatype": "BYTES", "shape": [top.shape[0], k]}
             payload_bytes, json_data = _serialize_bytes(strings), [s.decode() for s in strings]
         else:

@@ -35,10 +35,22 @@ def image_folder(tmp_path_factory, fashion_test) -> Path:
 
 def test_init_from_with_new_classes_then_serve(image_folder: Path, image_artifact: Path, tmp_path: Path) -> None:
     reg = tmp_path / "registry"
-    folder = finetune([
-        "image-classification", "--quick", "--data", str(image_folder), "--registry", str(reg),
-        "--name", "shop-items", "--init-from", str(image_artifact), "--epochs", "3",
-    ])  # fmt: skip
+    folder = finetune(
+        [
+            "image-classification",
+            "--quick",
+            "--data",
+            str(image_folder),
+            "--registry",
+            str(reg),
+            "--name",
+            "shop-items",
+            "--init-from",
+            str(image_artifact),
+            "--epochs",
+            "3",
+        ]
+    )
     m = load_artifact(folder).manifest
     assert m.name == "shop-items" and m.labels == sorted(CLASSES.values())
     assert m.training.init_from == f"{image_artifact.parent.name}/{image_artifact.name}"

@@ -83,10 +83,22 @@ def test_schemathesis_finds_no_server_errors(server, tmp_path: Path) -> None:
     """Property-based fuzzing of every operation in /docs.json; fails on any 5xx."""
     exe = Path(sys.executable).parent / "schemathesis"
     cmd = [
-        str(exe), "run", f"{server.url}/docs.json", "--checks", "not_a_server_error",
-        "--max-examples", "30", "--seed", "7", "--request-timeout", "30",
-        "--report", "junit", "--report-dir", str(tmp_path),
-    ]  # fmt: skip
+        str(exe),
+        "run",
+        f"{server.url}/docs.json",
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        "30",
+        "--seed",
+        "7",
+        "--request-timeout",
+        "30",
+        "--report",
+        "junit",
+        "--report-dir",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
@@ -123,8 +135,11 @@ def _worker_pids(server: BentoServer) -> list[int]:
     assert server.proc is not None
     out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
     parent = server.proc.pid
-    return [int(line.split()[0]) for line in out.splitlines()[1:]
-            if line.split()[1] == str(parent) and "_bentoml_impl.worker" in line]  # fmt: skip
+    return [
+        int(line.split()[0])
+        for line in out.splitlines()[1:]
+        if line.split()[1] == str(parent) and "_bentoml_impl.worker" in line
+    ]
 
 
 def _rss_mb(pid: int) -> float:

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="images: re-estimate frozen BatchNorm statistics on your data (AdaBN) before training",
     )
     p.add_argument("--no-baselines", action="store_true", help="skip the linear-probe baseline measurement")
+    p.add_argument("--checkpoint-dir", help="save resumable training state here after every epoch")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir's last epoch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="the small, fast recipe (tests and demos)")
     p.add_argument("--recipe", help="recipe name (default: 'quick' with --quick, else 'default')")
@@ -92,6 +94,10 @@ def resolve_config(args: argparse.Namespace) -> dict:
             if key not in cfg:
                 raise SystemExit(f"--{key.replace('_', '-')} does not apply to {args.task}")
             cfg[key] = value
+    if args.resume and not args.checkpoint_dir:
+        raise SystemExit("--resume needs --checkpoint-dir")
+    cfg["checkpoint_dir"] = args.checkpoint_dir
+    cfg["resume"] = args.resume
     if args.no_baselines:
         cfg["baselines"] = []
     if cfg.get("epochs", 1) < 1:

@@ -94,6 +94,63 @@ def predict_logits(top: nn.Module, feats: torch.Tensor, batch: int = 512) -> np.
     return torch.cat([top(feats[i : i + batch]) for i in range(0, len(feats), batch)]).numpy()
 
 
+class TrainCheckpoint:
+    """Resumable training state in one safetensors file (no pickle): weights, optimizer
+    momentum, the best weights so far, the RNG, and the schedule position as JSON metadata."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / "last.safetensors"
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def save(self, top, opt, sched, gen, *, epoch, history, best_acc, stale, best) -> None:
+        import json
+
+        from safetensors.torch import save_file
+
+        tensors = {f"model.{k}": v.detach().contiguous() for k, v in top.state_dict().items()}
+        tensors |= {f"best.{k}": v.detach().contiguous() for k, v in best.items()}
+        for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors[f"momentum.{i}"] = buf.contiguous()
+        tensors["rng"] = gen.get_state()
+        meta = {
+            "epoch": epoch,
+            "history": history,
+            "best_acc": best_acc,
+            "stale": stale,
+            "sched": {k: v for k, v in sched.state_dict().items() if isinstance(v, int | float | list)},
+        }
+        tmp = self.path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+        tmp.replace(self.path)
+
+    def load(self, top, opt, sched, gen) -> dict[str, Any]:
+        import json
+
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(self.path))
+        with safe_open(str(self.path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["state"])
+        top.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+            if f"momentum.{i}" in tensors:
+                opt.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].clone()
+        sched_state = sched.state_dict()
+        sched_state.update(meta["sched"])
+        sched.load_state_dict(sched_state)
+        for group, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
+            group["lr"] = lr  # the next step must use the schedule's lr, not the initial one
+        gen.set_state(tensors["rng"])
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        return {**meta, "best": best}
+
+
 def train_top(
     top: nn.Module,
     head: nn.Module,
@@ -119,7 +176,16 @@ def train_top(
     gen = torch.Generator().manual_seed(cfg["seed"])
     history: list[dict[str, float]] = []
     best_acc, best_state, stale = -1.0, copy.deepcopy(top.state_dict()), 0
-    for epoch in range(1, cfg["epochs"] + 1):
+    ckpt = TrainCheckpoint(Path(cfg["checkpoint_dir"])) if cfg.get("checkpoint_dir") else None
+    first_epoch = 1
+    if ckpt is not None and cfg.get("resume") and ckpt.exists():
+        state = ckpt.load(top, opt, sched, gen)
+        history, best_acc, stale, best_state = state["history"], state["best_acc"], state["stale"], state["best"]
+        first_epoch = state["epoch"] + 1
+        log(f"resumed from {ckpt.path} after epoch {state['epoch']}")
+    for epoch in range(first_epoch, cfg["epochs"] + 1):
+        if stale >= cfg["patience"]:
+            break
         top.train()
         perm = torch.randperm(len(feats), generator=gen)
         total, count = 0.0, 0
@@ -142,7 +208,10 @@ def train_top(
             stale += 1
             if stale >= cfg["patience"]:
                 log(f"early stop: no validation gain for {stale} epoch(s)")
-                break
+        if ckpt is not None:
+            ckpt.save(
+                top, opt, sched, gen, epoch=epoch, history=history, best_acc=best_acc, stale=stale, best=best_state
+            )
     return history, best_state
 
 
@@ -266,7 +335,7 @@ def auto_sweep(
     vbudget = min(len(y_val), cfg.get("auto_val_size", 1000))
     vidx = stratified_split(y_val, len(y_val) - vbudget, cfg["seed"] + 8)[0] if vbudget < len(y_val) else None
     xv, yv = (x_val[vidx], y_val[vidx]) if vidx is not None else (x_val, y_val)
-    sweep_cfg = {**cfg, "epochs": cfg.get("auto_epochs", 2), "patience": 99}
+    sweep_cfg = {**cfg, "epochs": cfg.get("auto_epochs", 2), "patience": 99, "checkpoint_dir": None}
 
     probe, _ = make_backbone(backbone_name, labels, init)
     cuts = {(s, b): trainable_from(s, probe, b) for s, b in AUTO_CANDIDATES}
@@ -319,7 +388,9 @@ def linear_probe_from_cache(
         return torch.cat([rest(feats[i : i + 512]) for i in range(0, len(feats), 512)])
 
     p_train, p_val = through(fitted.f_train), through(fitted.f_val)
-    history, best = train_top(head, fresh.stages[-1], p_train, data.train.labels, p_val, data.val.labels, cfg)
+    history, best = train_top(
+        head, fresh.stages[-1], p_train, data.train.labels, p_val, data.val.labels, {**cfg, "checkpoint_dir": None}
+    )
     head.load_state_dict(best)
     out = {"val_accuracy": round(max(h["val_accuracy"] for h in history), 5)}
     if fitted.f_test is not None:

@@ -1,0 +1,75 @@
+"""Training pieces that need no dataset: resumable checkpoints, AdaBN, metrics, the guard."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from scripts.train.common import classification_report
+from scripts.train.image_classification import adapt_batchnorm, negative_transfer_notes, train_top
+
+CFG = {
+    "epochs": 3,
+    "batch_size": 16,
+    "lr": 0.01,
+    "head_lr": 0.05,
+    "weight_decay": 0.0,
+    "label_smoothing": 0.0,
+    "patience": 99,
+    "seed": 3,
+}
+
+
+def _toy():
+    torch.manual_seed(0)
+    top = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(96, 8)
+    y = (x[:, 0] > 0).long().numpy() + (x[:, 1] > 1).long().numpy()
+    return top, x, y
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
+    top, x, y = _toy()
+    straight = copy.deepcopy(top)
+    hist_a, best_a = train_top(straight, straight[-1], x, y, x, y, CFG)
+
+    interrupted = copy.deepcopy(top)
+    ckpt = {"checkpoint_dir": str(tmp_path / "ckpt")}
+    train_top(interrupted, interrupted[-1], x, y, x, y, {**CFG, **ckpt, "epochs": 3, "stop_after": 1})
+    resumed = copy.deepcopy(top)  # a fresh process would rebuild the model from scratch
+    hist_b, best_b = train_top(resumed, resumed[-1], x, y, x, y, {**CFG, **ckpt, "resume": True})
+    assert [h["epoch"] for h in hist_b] == [1, 2, 3]
+    np.testing.assert_allclose([h["train_loss"] for h in hist_a], [h["train_loss"] for h in hist_b], rtol=1e-5)
+    for k in best_a:
+        torch.testing.assert_close(best_a[k], best_b[k])
+    assert (tmp_path / "ckpt" / "last.safetensors").is_file()
+
+
+def test_adabn_moves_statistics_to_the_target_domain() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    net.eval()
+    target = (np.random.default_rng(0).normal(5.0, 2.0, size=(64, 3, 12, 12))).astype(np.float32)
+    assert adapt_batchnorm(net, target) == 1
+    with torch.no_grad():
+        conv_out = net[0](torch.from_numpy(target))
+    torch.testing.assert_close(net[1].running_mean, conv_out.mean(dim=(0, 2, 3)), atol=1e-3, rtol=1e-3)
+    assert not net.training and net[1].momentum == 0.1
+
+
+def test_classification_report_numbers() -> None:
+    r = classification_report(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0]), ["a", "b", "c"])
+    assert r.accuracy == 0.6
+    assert r.per_class["b"] == {"precision": 0.66667, "recall": 1.0, "f1": 0.8, "support": 2}
+    assert r.per_class["c"]["f1"] == 0.0 and r.confusion[2, 0] == 1
+    assert abs(r.macro_f1 - (0.5 + 0.8 + 0.0) / 3) < 1e-9
+
+
+def test_negative_transfer_is_said_plainly() -> None:
+    notes = negative_transfer_notes(0.80, {"linear-probe": {"val_accuracy": 0.85}})
+    assert notes and notes[0].startswith("NEGATIVE TRANSFER WARNING")
+    assert negative_transfer_notes(0.9, {"linear-probe": {"val_accuracy": 0.85}})[0].startswith("fine-tuning beats")

@@ -23,7 +23,13 @@ COPY service/ service/
 # `pip install .` builds graft's wheel (models + service packages) and its runtime deps. uv is a
 # base dependency only so that `bentoml build` works offline; it and the installers are dropped
 # from the runtime environment (about 60 MB).
+# GPU image: --build-arg ORT_PACKAGE="onnxruntime-gpu[cuda,cudnn]" swaps in the CUDA build of
+# ONNX Runtime with CUDA and cuDNN from pip (several GB; see docs/DEPLOY.md).
+ARG ORT_PACKAGE=onnxruntime
 RUN /opt/graft/bin/pip install . \
+    && if [ "${ORT_PACKAGE}" != "onnxruntime" ]; then \
+         /opt/graft/bin/pip uninstall -y onnxruntime && /opt/graft/bin/pip install "${ORT_PACKAGE}"; \
+       fi \
     && /opt/graft/bin/pip uninstall -y uv \
     && /opt/graft/bin/python -I -c "import onnxruntime, bentoml, service.service" \
     && /opt/graft/bin/pip uninstall -y pip setuptools

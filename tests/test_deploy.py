@@ -28,7 +28,7 @@ from tests.conftest import encode
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "k8s"
-OVERLAYS = ["base", "overlays/dev"]
+OVERLAYS = ["base", "overlays/dev", "overlays/gpu"]
 CONFIG_SOURCE = (REPO / "service" / "config.py").read_text()
 FETCH_SCRIPT = K8S / "components" / "fetch-models" / "fetch_models.py"
 # Kubernetes releases the manifests must validate against: the oldest we support, the newest known.
@@ -288,10 +288,10 @@ def test_admin_token_is_disabled_in_base_and_set_in_dev(rendered: dict[str, Any]
 
     secret = one(rendered, "Secret")
     token = base64.b64decode(secret["data"]["GRAFT_ADMIN_TOKEN"]).decode()
-    if rendered["name"] == "base":
-        assert token == "", "base must not ship a usable token; an empty one disables /admin routes"
-    else:
+    if rendered["name"] == "overlays/dev":
         assert token
+    else:
+        assert token == "", "no shipped overlay may carry a usable token; an empty one disables /admin routes"
 
 
 def test_dev_overlay_is_small_and_single(kubectl: str) -> None:
@@ -308,6 +308,18 @@ def test_dev_overlay_is_small_and_single(kubectl: str) -> None:
     base_cpu = cpu_quantity(server_container(deployment(base))["resources"]["limits"]["cpu"])
     dev_cpu = cpu_quantity(server_container(deployment(dev))["resources"]["limits"]["cpu"])
     assert dev_cpu < base_cpu
+
+
+def test_gpu_overlay_requests_a_gpu_and_the_cuda_provider(kubectl: str) -> None:
+    out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays/gpu")], capture_output=True, text=True, check=True)
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    c = server_container(deploy)
+    assert str(c["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    pod = deploy["spec"]["template"]["spec"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]) and pod["nodeSelector"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("graft-config"))
+    assert config["data"]["GRAFT_ORT_PROVIDERS"].split(",")[0] == "CUDAExecutionProvider"
 
 
 # ---- the init container's fetch script ----------------------------------------------------------

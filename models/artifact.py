@@ -35,9 +35,12 @@ def sha256_file(path: Path) -> str:
 
 
 def new_version(now: datetime | None = None) -> str:
-    """A sortable, unique version id: UTC timestamp plus a short random hex suffix."""
+    """A sortable, unique version id: UTC timestamp (to the millisecond) plus a random hex suffix.
+
+    e.g. 20261127T211510123Z-4f2a9c. Ids sort by creation time, even within one second.
+    """
     now = now or datetime.now(UTC)
-    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
+    return f"{now.strftime('%Y%m%dT%H%M%S')}{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
 
 
 def utc_now_iso() -> str:

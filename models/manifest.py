@@ -167,7 +167,7 @@ class WarmupSample(_Strict):
 class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    version: str = Field(pattern=r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6,12}$")
+    version: str = Field(pattern=r"^[0-9]{8}T[0-9]{6}([0-9]{3})?Z-[0-9a-f]{6,12}$")
     task: Task
     created_at: str
     labels: list[str] = Field(min_length=1)

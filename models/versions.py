@@ -15,7 +15,7 @@ from .errors import ArtifactError
 
 PIN_FILE = "CURRENT"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_VERSION = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6,12}$")
+_VERSION = re.compile(r"^[0-9]{8}T[0-9]{6}([0-9]{3})?Z-[0-9a-f]{6,12}$")
 
 
 def is_version_name(s: str) -> bool:

@@ -11,25 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from models import versions
-from models.artifact import load_artifact
-from models.errors import ArtifactError
 from scripts import finetune
-
-
-def has_valid_version(registry: Path, name: str) -> str | None:
-    """The version that would be served, or None."""
-    try:
-        order = versions.candidates(registry, name)
-    except ArtifactError:
-        return None
-    for v in order:
-        try:
-            load_artifact(registry / name / v)
-            return v
-        except ArtifactError:
-            continue
-    return None
+from scripts.registry import served_version
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = Path(args.registry)
     todo = []
     for task in args.tasks:
-        found = None if args.force else has_valid_version(registry, task)
+        found = None if args.force else served_version(registry, task)
         if found:
             print(f"[graft] {task}: serving {found} (registry {registry})", file=sys.stderr)
         else:

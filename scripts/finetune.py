@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--init-from", help="start from an earlier artifact: NAME[/VERSION] or a folder")
     p.add_argument("--quantize", choices=["int8"], help="also quantize the exported model")
+    p.add_argument(
+        "--adabn",
+        action="store_true",
+        default=None,
+        help="images: re-estimate frozen BatchNorm statistics on your data (AdaBN) before training",
+    )
+    p.add_argument("--no-baselines", action="store_true", help="skip the linear-probe baseline measurement")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="the small, fast recipe (tests and demos)")
     p.add_argument("--recipe", help="recipe name (default: 'quick' with --quick, else 'default')")
@@ -78,12 +85,15 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "image_size": args.image_size,
+        "adabn": args.adabn,
     }
     for key, value in overrides.items():
         if value is not None:
             if key not in cfg:
                 raise SystemExit(f"--{key.replace('_', '-')} does not apply to {args.task}")
             cfg[key] = value
+    if args.no_baselines:
+        cfg["baselines"] = []
     if cfg.get("epochs", 1) < 1:
         raise SystemExit("--epochs must be at least 1")
     return cfg

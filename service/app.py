@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import hmac
 import logging
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import InvalidInput
 
 from .batching import QueueFull
 from .middleware import BodySizeLimit, RequestId
-from .pool import ModelPool
+from .reload import Reloader
 from .schemas import ClassifyResponse, ErrorResponse, ModelsResponse, ReloadResponse
+from .state import Pool, get_pool, get_reloader
+from .v2 import router as v2_router
 
 log = logging.getLogger("graft.http")
-
-_state: dict[str, ModelPool] = {}
 
 ERRORS = {
     400: {"model": ErrorResponse, "description": "the request is malformed; `error` says how"},
@@ -34,21 +35,6 @@ ERRORS = {
     415: {"model": ErrorResponse, "description": "unsupported image format"},
     503: {"model": ErrorResponse, "description": "overloaded or no model loaded; retry"},
 }
-
-
-def install_pool(pool: ModelPool) -> None:
-    """Called once per worker by the BentoML service after it loaded the registry."""
-    _state["pool"] = pool
-
-
-def get_pool() -> ModelPool:
-    pool = _state.get("pool")
-    if pool is None:
-        raise InvalidInput("the service is starting; no models are loaded yet", status_code=503)
-    return pool
-
-
-Pool = Annotated[ModelPool, Depends(get_pool)]
 
 app = FastAPI(
     title="graft",
@@ -115,6 +101,24 @@ async def classify(
     return {"model": served.ref(), "predictions": predictions}
 
 
+app.include_router(v2_router)
+
+
+UI_HTML = (Path(__file__).parent / "static" / "ui.html").read_bytes()
+
+
+@app.get("/ui", response_class=HTMLResponse, include_in_schema=False)
+async def demo_page() -> HTMLResponse:
+    """A small demo page: drop an image, type a text, see what the models say."""
+    return HTMLResponse(
+        UI_HTML,
+        headers={
+            "Content-Security-Policy": "default-src 'self'; "
+            "script-src 'unsafe-inline' 'self'; style-src 'unsafe-inline'; img-src 'self' blob:"
+        },
+    )
+
+
 @app.get("/models", response_model=ModelsResponse, tags=["models"])
 async def list_models(pool: Pool) -> dict:
     """Every model in the registry: served version, manifest summary, load status or errors."""
@@ -140,5 +144,9 @@ def require_admin(authorization: Annotated[str | None, Header()] = None) -> None
     dependencies=[Depends(require_admin)],
 )
 async def admin_reload(pool: Pool) -> dict:
-    """Rescan the registry and swap in new valid versions without dropping requests."""
-    return await pool.reload()
+    """Rescan the registry and swap in new valid versions in every worker, without dropping requests.
+
+    Answers once every worker has reloaded (or after 60 s), with `workers.converged`.
+    """
+    reloader: Reloader = get_reloader()
+    return await reloader.reload_everywhere(expected_workers=pool.settings.workers)

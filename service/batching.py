@@ -73,9 +73,10 @@ class Batcher(Generic[T, R]):
         self.name = name
         self.stats = BatchStats()
         self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
-        self._wakeup: asyncio.Event | None = None
+        self._arrived: asyncio.Event | None = None
+        # The dispatch loop runs only while there is work and exits when the queue is empty, so
+        # a retired model (after a hot swap) holds no task and is freed once its last request ends.
         self._task: asyncio.Task[None] | None = None
-        self._closed = False
 
     @property
     def pending(self) -> int:
@@ -83,18 +84,16 @@ class Batcher(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         """Queue one item and wait for its result."""
-        if self._closed:
-            raise RuntimeError(f"{self.name} is closed")
         if len(self._queue) >= self.max_queue:
             raise QueueFull(f"{self.name}: {len(self._queue)} requests already queued")
         loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done():
-            self._wakeup = asyncio.Event()
-            self._task = loop.create_task(self._run(), name=f"{self.name}-loop")
         fut: asyncio.Future[R] = loop.create_future()
         self._queue.append((item, fut))
-        assert self._wakeup is not None
-        self._wakeup.set()
+        if self._task is None or self._task.done():
+            self._arrived = asyncio.Event()
+            self._task = loop.create_task(self._run(), name=f"{self.name}-loop")
+        elif self._arrived is not None:
+            self._arrived.set()
         return await fut
 
     def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
@@ -105,24 +104,22 @@ class Batcher(Generic[T, R]):
                 batch.append((item, fut))
         return batch
 
+    async def _gather_company(self) -> None:
+        """Wait up to max_latency for the batch to fill (only when configured)."""
+        assert self._arrived is not None
+        deadline = time.monotonic() + self.max_latency_s
+        while len(self._queue) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout=left)
+            except TimeoutError:
+                return
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        assert self._wakeup is not None
-        while True:
-            if not self._queue:
-                if self._closed:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
+        while self._queue:
             if self.max_latency_s and len(self._queue) < self.max_batch_size:
-                deadline = time.monotonic() + self.max_latency_s
-                while len(self._queue) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
-                    self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), timeout=left)
-                    except TimeoutError:
-                        break
+                await self._gather_company()
             batch = self._take()
             if not batch:
                 continue
@@ -143,10 +140,7 @@ class Batcher(Generic[T, R]):
                 if not fut.done():
                     fut.set_result(res)
 
-    async def close(self) -> None:
-        """Stop accepting items; let queued ones finish."""
-        self._closed = True
-        if self._wakeup is not None:
-            self._wakeup.set()
-        if self._task is not None:
-            await self._task
+    async def drain(self) -> None:
+        """Wait until every queued item has been answered."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)

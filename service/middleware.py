@@ -11,6 +11,8 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .logs import current_request_id
+
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -33,6 +35,7 @@ class RequestId:
                 break
         rid = rid or uuid.uuid4().hex
         scope["graft.request_id"] = rid
+        current_request_id.set(rid)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

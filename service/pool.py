@@ -186,7 +186,7 @@ class ModelPool:
         before = {s.name: s.served.version for s in self._states.values() if s.served}
         retired = await asyncio.get_running_loop().run_in_executor(None, self.scan)
         for old in retired:
-            await old.close()
+            await old.drain()
         after = {s.name: s.served.version for s in self._states.values() if s.served}
         changed = {n: {"from": before.get(n), "to": v} for n, v in after.items() if before.get(n) != v}
         return {"generation": self.generation, "changed": changed, "models": self.report()}

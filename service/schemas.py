@@ -35,3 +35,6 @@ class ReloadResponse(BaseModel):
     generation: int
     changed: dict[str, dict[str, str | None]]
     models: list[dict[str, Any]]
+    workers: dict[str, Any] = Field(
+        default_factory=dict, description="how many workers reloaded, and whether they agree"
+    )

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from models.artifact import Artifact
-from models.errors import ArtifactError
+from models.errors import ArtifactError, InvalidInput
 
 from .batching import Batcher
 from .config import Settings
@@ -35,12 +35,15 @@ def register_task(cls: type[ServedModel]) -> type[ServedModel]:
 
 class ServedModel(ABC):
     task: ClassVar[str]
+    # What a BYTES tensor holds for this task in the v2 protocol: "image", "text", or None.
+    bytes_input_name: ClassVar[str | None] = None
 
     def __init__(self, artifact: Artifact, settings: Settings, *, infer_executor: Executor, cpu_executor: Executor):
         self.artifact = artifact
         self.manifest = artifact.manifest
         self.settings = settings
         self.cpu_executor = cpu_executor
+        self.infer_executor = infer_executor
         self.session = create_session(artifact.model_path, threads=settings.ort_threads, providers=settings.providers)
         self._check_io()
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -80,6 +83,14 @@ class ServedModel(ABC):
     def run_batch(self, items: Sequence[Any]) -> Sequence[Any]:
         """Run the model on preprocessed items (on the inference thread); one result per item."""
 
+    def run_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One unbatched ONNX run on raw input tensors; every output by name (v2 protocol)."""
+        return dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+
+    def bytes_to_feeds(self, items: list[bytes]) -> dict[str, np.ndarray]:
+        """Encoded inputs (images, texts) to the model's input tensors, by the artifact's rules."""
+        raise InvalidInput(f"{self.task} models take no BYTES input; send the declared tensors")
+
     @abstractmethod
     def warmup_outputs(self) -> np.ndarray:
         """Run the artifact's stored warm-up sample through the full serving path; raw outputs."""
@@ -116,5 +127,6 @@ class ServedModel(ABC):
             },
         }
 
-    async def close(self) -> None:
-        await self.batcher.close()
+    async def drain(self) -> None:
+        """Let queued requests finish (after a swap); the session is freed with the last reference."""
+        await self.batcher.drain()

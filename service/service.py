@@ -9,14 +9,19 @@ size limits and error bodies are under graft's control. Start it with
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import bentoml
 
 from . import tasks  # noqa: F401  (registers the task runners)
-from .app import app, install_pool
+from .app import app
 from .config import Settings
+from .logs import install_request_id_logging
 from .pool import ModelPool
+from .reload import Reloader, ReloadSignal
+from .state import install
 
 log = logging.getLogger("graft")
 
@@ -38,13 +43,28 @@ class Graft:
         self.cpu_executor = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="graft-decode")
         self.pool = ModelPool(self.settings, infer_executor=self.infer_executor, cpu_executor=self.cpu_executor)
         self.pool.scan()
-        install_pool(self.pool)
+        state_dir = os.environ.get("GRAFT_STATE_DIR")
+        self.reloader = Reloader(
+            self.pool,
+            ReloadSignal(self.settings.registry, Path(state_dir) if state_dir else None),
+            self.settings.reload_interval_s,
+        )
+        install(self.pool, self.reloader)
+        install_request_id_logging()
         log.info(
             "graft worker ready: registry=%s models=%s ort_threads=%d",
             self.settings.registry,
             [f"{m.name}:{m.version}" for m in self.pool.served()],
             self.settings.ort_threads,
         )
+
+    @bentoml.on_startup
+    async def _start_watcher(self) -> None:
+        self.reloader.start()
+
+    @bentoml.on_shutdown
+    async def _stop_watcher(self) -> None:
+        await self.reloader.stop()
 
     def __is_ready__(self) -> bool:
         return self.pool.ready

@@ -33,10 +33,10 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _build(registry: Path, task: str, *extra: str) -> Path:
     """The newest valid artifact of `task` in the registry, built with --quick if there is none."""
-    from scripts.ensure_models import has_valid_version
     from scripts.finetune import main
+    from scripts.registry import served_version
 
-    existing = has_valid_version(registry, task)
+    existing = served_version(registry, task)
     if existing:
         return registry / task / existing
     return main([task, "--quick", "--registry", str(registry), *extra])

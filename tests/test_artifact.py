@@ -71,7 +71,8 @@ def test_version_ids_sort_by_time_and_are_unique() -> None:
 
     a = new_version(datetime(2026, 1, 1, tzinfo=UTC))
     b = new_version(datetime(2026, 1, 2, tzinfo=UTC))
-    assert a < b
+    c = new_version(datetime(2026, 1, 2, 0, 0, 0, 1000, tzinfo=UTC))  # 1 ms later, same second
+    assert a < b < c
     assert len({new_version() for _ in range(50)}) == 50
 
 
@@ -126,7 +127,7 @@ def test_garbage_manifest_and_wrong_folder(toy: Path, tmp_path: Path) -> None:
 
 def test_version_must_match_folder(tmp_path: Path) -> None:
     version = new_version()
-    folder = tmp_path / "toy" / "20200101T000000Z-abcdef"
+    folder = tmp_path / "toy" / "20200101T000000000Z-abcdef"
     folder.mkdir(parents=True)
     (folder / "model.onnx").write_bytes(b"x")
     write_manifest(folder, make_manifest(version))

@@ -134,12 +134,15 @@ def test_cancelled_requests_are_skipped(executor) -> None:
     assert 1 not in seen
 
 
-def test_close_drains_queued_items(executor) -> None:
+def test_drain_waits_for_queued_items_and_the_loop_exits_when_idle(executor) -> None:
     async def main():
         b = Batcher(lambda xs: [x + 1 for x in xs], executor=executor)
         tasks = [asyncio.create_task(b.submit(i)) for i in range(5)]
         await asyncio.sleep(0)
-        await b.close()
-        return await asyncio.gather(*tasks)
+        await b.drain()
+        assert all(t.done() for t in tasks)
+        assert b._task is not None and b._task.done()  # no task lingers on an idle batcher
+        late = await b.submit(41)  # and it restarts on demand
+        return [t.result() for t in tasks] + [late]
 
-    assert run(main()) == [1, 2, 3, 4, 5]
+    assert run(main()) == [1, 2, 3, 4, 5, 42]

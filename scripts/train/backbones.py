@@ -25,9 +25,27 @@ PACKAGED = {
 @dataclass
 class Backbone:
     name: str
+    model: nn.Module  # the torchvision model; its state_dict keys are what checkpoints store
     stages: list[nn.Module]  # nn.Sequential(*stages)(x) == the model's logits
     feature_blocks: int  # how many leading stages are convolutional feature blocks
     info: BaseModelInfo
+    head_keys: frozenset[str] = frozenset()  # state_dict keys of the new classification layer
+
+    def load_checkpoint(self, state: dict[str, torch.Tensor], *, keep_head: bool) -> list[str]:
+        """Load weights from an earlier fine-tune; the head only when `keep_head`. Returns skipped keys."""
+        own = self.model.state_dict()
+        use = {
+            k: v
+            for k, v in state.items()
+            if k in own and own[k].shape == v.shape and (keep_head or k not in self.head_keys)
+        }
+        missing = set(own) - set(use)
+        unexpected = set(state) - set(own)
+        if unexpected or (missing - self.head_keys):
+            bad = sorted(unexpected | (missing - self.head_keys))
+            raise ValueError(f"checkpoint does not fit {self.name}: {len(bad)} keys differ (e.g. {bad[:3]})")
+        self.model.load_state_dict(use, strict=False)
+        return sorted(missing)
 
 
 def packaged_weights(name: str) -> Path | None:
@@ -43,20 +61,20 @@ def packaged_weights(name: str) -> Path | None:
     return p if p.is_file() else None
 
 
-def _replace_head(model: nn.Module, num_classes: int) -> None:
-    """Swap the final Linear layer for a freshly initialised one with `num_classes` outputs."""
+def _replace_head(model: nn.Module, num_classes: int) -> frozenset[str]:
+    """Swap the final Linear layer for a fresh one with `num_classes` outputs; returns its keys."""
     for attr in ("classifier", "fc", "head", "heads"):
         head = getattr(model, attr, None)
         if head is None:
             continue
         if isinstance(head, nn.Linear):
             setattr(model, attr, nn.Linear(head.in_features, num_classes))
-            return
+            return frozenset({f"{attr}.weight", f"{attr}.bias"})
         if isinstance(head, nn.Sequential):
             for i in range(len(head) - 1, -1, -1):
                 if isinstance(head[i], nn.Linear):
                     head[i] = nn.Linear(head[i].in_features, num_classes)
-                    return
+                    return frozenset({f"{attr}.{i}.weight", f"{attr}.{i}.bias"})
     raise ValueError(f"cannot find the classification head of {type(model).__name__}")
 
 
@@ -70,9 +88,7 @@ def _stages(name: str, model: nn.Module) -> tuple[list[nn.Module], int]:
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
         blocks = [stem, model.layer1, model.layer2, model.layer3, model.layer4]
         return [*blocks, nn.Sequential(model.avgpool, nn.Flatten(1)), model.fc], len(blocks)
-    raise ValueError(
-        f"backbone {name!r} is not supported: graft splits MobileNet, EfficientNet, ConvNeXt and ResNet families"
-    )
+    raise ValueError(f"backbone {name!r} is not supported: graft splits MobileNet, EfficientNet and ResNet families")
 
 
 def load_image_backbone(name: str, num_classes: int, *, pretrained: bool = True) -> Backbone:
@@ -106,6 +122,6 @@ def load_image_backbone(name: str, num_classes: int, *, pretrained: bool = True)
             license="see torchvision weights documentation",
             architecture=name,
         )
-    _replace_head(model, num_classes)
+    head_keys = _replace_head(model, num_classes)
     stages, n_blocks = _stages(name, model)
-    return Backbone(name=name, stages=stages, feature_blocks=n_blocks, info=info)
+    return Backbone(name=name, model=model, stages=stages, feature_blocks=n_blocks, info=info, head_keys=head_keys)

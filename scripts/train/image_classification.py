@@ -4,7 +4,12 @@ Speed on CPU comes from one observation: frozen layers compute the same thing ev
 The frozen prefix of the network runs once over the data (`trunk`), its outputs are cached,
 and only the trainable suffix (`top`) trains on them. `feature-extraction` freezes every
 feature block, `partial` the first ones (the recipe says how many stay trainable), `full`
-none (no cache; slow on CPU).
+none (no cache; slow on CPU). `auto` tries several freeze depths on a small budget and keeps
+the best on validation.
+
+Every run also measures a linear probe (the same pretrained features, only a new head) from
+the same cache, and says plainly in the manifest when fine-tuning did not beat it (negative
+transfer). `--adabn` re-estimates the frozen BatchNorm statistics on the target images first.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import copy
 import math
 import time
 from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +146,227 @@ def train_top(
     return history, best_state
 
 
+@dataclass
+class Fitted:
+    """A trained model split at `cut`, with the cached trunk outputs it was trained on."""
+
+    trunk: nn.Module
+    top: nn.Module
+    cut: int
+    history: list[dict[str, float]]
+    f_train: torch.Tensor
+    f_val: torch.Tensor
+    f_test: torch.Tensor | None
+    trunk_seconds: float
+
+    @property
+    def best_val(self) -> float:
+        return max(h["val_accuracy"] for h in self.history)
+
+
+def make_backbone(name: str, labels: list[str], init: dict[str, Any] | None, pretrained: bool = True):
+    """A backbone with a new head for `labels`, optionally starting from an earlier artifact."""
+    backbone = load_image_backbone(name, len(labels), pretrained=pretrained)
+    if init is None:
+        return backbone, None
+    if init["backbone"] != name:
+        raise SystemExit(f"--init-from {init['ref']} is a {init['backbone']} model, not {name}")
+    same_classes = init["labels"] == labels
+    reset = backbone.load_checkpoint(init["state"], keep_head=same_classes)
+    note = f"initialised from {init['ref']}" + (
+        "" if same_classes else f"; classes changed, head re-initialised ({', '.join(reset)})"
+    )
+    return backbone, note
+
+
+@torch.no_grad()
+def adapt_batchnorm(module: nn.Module, x: np.ndarray, batch: int = 256) -> int:
+    """AdaBN: replace BatchNorm running statistics with ones measured on target-domain images.
+
+    Weights are untouched; only the normalisation moves to the new data. Returns how many
+    BatchNorm layers were re-estimated.
+    """
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over all batches
+    module.train()
+    for i in progress(range(0, len(x), batch), "AdaBN", total=math.ceil(len(x) / batch), unit="batch"):
+        module(_channels_last(torch.from_numpy(x[i : i + batch])))
+    module.eval()
+    for bn, m in zip(bns, saved, strict=True):
+        bn.momentum = m
+    return len(bns)
+
+
+def fit(
+    backbone: Backbone,
+    cut: int,
+    xs: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    y_train: np.ndarray,
+    y_val: np.ndarray,
+    cfg: dict[str, Any],
+) -> Fitted:
+    """Freeze stages[:cut], cache their outputs once, train stages[cut:] on the cache."""
+    trunk = nn.Sequential(*backbone.stages[:cut]).to(memory_format=torch.channels_last)
+    top = nn.Sequential(*backbone.stages[cut:]).to(memory_format=torch.channels_last)
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    if cfg.get("adabn") and cut > 0:
+        n = adapt_batchnorm(trunk, xs[0])
+        log(f"AdaBN: re-estimated {n} BatchNorm layers of the frozen trunk on {len(xs[0])} target images")
+    start = time.perf_counter()
+    f_train = run_trunk(trunk, xs[0], "trunk train")
+    f_val = run_trunk(trunk, xs[1], "trunk val")
+    f_test = run_trunk(trunk, xs[2], "trunk test") if xs[2] is not None else None
+    trunk_seconds = time.perf_counter() - start
+    history, best = train_top(top, backbone.stages[-1], f_train, y_train, f_val, y_val, cfg)
+    top.load_state_dict(best)
+    return Fitted(trunk, top, cut, history, f_train, f_val, f_test, trunk_seconds)
+
+
+# Freeze depths `--strategy auto` tries. `full` is left out: on CPU it trains at about a third of
+# the speed of `partial` and never won on the small budgets the sweep can afford.
+AUTO_CANDIDATES = (("feature-extraction", 0), ("partial", 4), ("partial", 8), ("partial", 12))
+
+
+@torch.no_grad()
+def _extend(stages: list[nn.Module], feats: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """Run frozen stages over cached features (deeper cut from a shallower cache)."""
+    if not stages:
+        return feats
+    module = nn.Sequential(*stages).to(memory_format=torch.channels_last).eval()
+    return torch.cat([module(feats[i : i + batch]) for i in range(0, len(feats), batch)])
+
+
+def auto_sweep(
+    backbone_name: str,
+    labels: list[str],
+    init: dict[str, Any] | None,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    cfg: dict[str, Any],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Try each freeze depth on a small budget; pick the best validation accuracy.
+
+    The frozen prefix is shared: its output is computed once at the shallowest cut, and each
+    deeper candidate runs only its extra frozen blocks over that cache. Ties go to the cheaper
+    candidate (fewer trainable layers), which comes first in the list.
+    """
+    from .image_data import stratified_split
+
+    budget = min(len(y_train), cfg.get("auto_train_size", 2000))
+    idx = stratified_split(y_train, len(y_train) - budget, cfg["seed"] + 7)[0] if budget < len(y_train) else None
+    xt, yt = (x_train[idx], y_train[idx]) if idx is not None else (x_train, y_train)
+    vbudget = min(len(y_val), cfg.get("auto_val_size", 1000))
+    vidx = stratified_split(y_val, len(y_val) - vbudget, cfg["seed"] + 8)[0] if vbudget < len(y_val) else None
+    xv, yv = (x_val[vidx], y_val[vidx]) if vidx is not None else (x_val, y_val)
+    sweep_cfg = {**cfg, "epochs": cfg.get("auto_epochs", 2), "patience": 99}
+
+    probe, _ = make_backbone(backbone_name, labels, init)
+    cuts = {(s, b): trainable_from(s, probe, b) for s, b in AUTO_CANDIDATES}
+    c0 = min(cuts.values())
+    base = nn.Sequential(*probe.stages[:c0]).to(memory_format=torch.channels_last)
+    base_train, base_val = run_trunk(base, xt, "auto trunk train"), run_trunk(base, xv, "auto trunk val")
+    results = []
+    for (strategy, blocks), cut in cuts.items():
+        torch.manual_seed(cfg["seed"])
+        backbone, _ = make_backbone(backbone_name, labels, init)
+        start = time.perf_counter()
+        extra = backbone.stages[c0:cut]
+        ft, fv = _extend(extra, base_train), _extend(extra, base_val)
+        top = nn.Sequential(*backbone.stages[cut:]).to(memory_format=torch.channels_last)
+        history, _ = train_top(top, backbone.stages[-1], ft, yt, fv, yv, sweep_cfg)
+        row = {
+            "strategy": strategy,
+            "trainable_blocks": blocks,
+            "frozen_stages": cut,
+            "val_accuracy": round(max(h["val_accuracy"] for h in history), 5),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        log(f"auto: {strategy} (last {blocks} blocks) -> val accuracy {row['val_accuracy']:.4f} in {row['seconds']} s")
+        results.append(row)
+    best = max(results, key=lambda r: r["val_accuracy"])  # first max wins: cheaper on ties
+    return {"strategy": best["strategy"], "trainable_blocks": best["trainable_blocks"]}, results
+
+
+def linear_probe_from_cache(
+    backbone_name: str,
+    labels: list[str],
+    init: dict[str, Any] | None,
+    fitted: Fitted,
+    data: ImageDataset,
+    cfg: dict[str, Any],
+) -> dict[str, float]:
+    """The linear-probe baseline (frozen pretrained features + a new head), from the fitted cache.
+
+    The fitted trunk is still the untouched pretrained prefix, so only the remaining pretrained
+    feature blocks run over the cache before a head is trained with the same budget.
+    """
+    torch.manual_seed(cfg["seed"])
+    fresh, _ = make_backbone(backbone_name, labels, init)
+    rest = nn.Sequential(*fresh.stages[fitted.cut : fresh.feature_blocks]).to(memory_format=torch.channels_last)
+    head = nn.Sequential(*fresh.stages[fresh.feature_blocks :])
+
+    @torch.no_grad()
+    def through(feats: torch.Tensor) -> torch.Tensor:
+        rest.eval()
+        return torch.cat([rest(feats[i : i + 512]) for i in range(0, len(feats), 512)])
+
+    p_train, p_val = through(fitted.f_train), through(fitted.f_val)
+    history, best = train_top(head, fresh.stages[-1], p_train, data.train.labels, p_val, data.val.labels, cfg)
+    head.load_state_dict(best)
+    out = {"val_accuracy": round(max(h["val_accuracy"] for h in history), 5)}
+    if fitted.f_test is not None:
+        test_pred = predict_logits(head, through(fitted.f_test)).argmax(1)
+        out["accuracy"] = round(float((test_pred == data.test.labels).mean()), 5)
+    return out
+
+
+def negative_transfer_notes(fine_tuned_val: float, baselines: dict[str, dict[str, float]]) -> list[str]:
+    """Plain words when fine-tuning did not beat a baseline on validation (negative transfer)."""
+    notes = []
+    for name, vals in baselines.items():
+        base = vals.get("val_accuracy")
+        if base is None:
+            continue
+        if fine_tuned_val <= base:
+            notes.append(
+                f"NEGATIVE TRANSFER WARNING: the fine-tuned model ({fine_tuned_val:.4f} validation accuracy) "
+                f"does not beat the {name} baseline ({base:.4f}); prefer the baseline or revisit the strategy"
+            )
+        else:
+            notes.append(f"fine-tuning beats the {name} baseline on validation: {fine_tuned_val:.4f} vs {base:.4f}")
+    return notes
+
+
+def load_init(args: Namespace) -> dict[str, Any]:
+    """Weights, labels and backbone of the artifact named by --init-from."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from models.artifact import load_artifact
+    from scripts.registry import resolve_ref
+
+    art = load_artifact(resolve_ref(Path(args.registry), args.init_from))
+    if art.manifest.task != "image-classification":
+        raise SystemExit(f"--init-from {args.init_from}: a {art.manifest.task} artifact, not image-classification")
+    ckpt = art.file("checkpoint.safetensors")
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {
+        "ref": f"{art.name}/{art.version}",
+        "labels": art.manifest.labels,
+        "backbone": meta.get("backbone", art.manifest.base_model.architecture),
+        "state": load_file(str(ckpt)),
+    }
+
+
 def load_data(args: Namespace, cfg: dict[str, Any]) -> ImageDataset:
     if args.data:
         return load_image_folder(Path(args.data), cfg["val_size"], cfg["seed"], cfg["train_limit"])
@@ -159,39 +386,48 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
     )
     spec = ImagePreprocessing(height=cfg["image_size"], width=cfg["image_size"])
     pre = ImagePreprocessor(spec)
-    backbone = load_image_backbone(args.backbone or "mobilenet_v2", len(data.labels))
-    cut = trainable_from(cfg["strategy"], backbone, cfg["trainable_blocks"])
-    trunk = nn.Sequential(*backbone.stages[:cut]).to(memory_format=torch.channels_last)
-    top = nn.Sequential(*backbone.stages[cut:]).to(memory_format=torch.channels_last)
-    for p in trunk.parameters():
-        p.requires_grad_(False)
-    frozen = [f"stage{i}" for i in range(cut)]
-    n_total = sum(p.numel() for p in trunk.parameters()) + sum(p.numel() for p in top.parameters())
-    n_train = sum(p.numel() for p in top.parameters())
-    log(
-        f"{backbone.name}: strategy {cfg['strategy']}, {cut} frozen stage(s), "
-        f"{n_train:,} of {n_total:,} parameters trainable, {threads} thread(s)"
-    )
-
+    init = load_init(args) if args.init_from else None
+    backbone_name = args.backbone or (init["backbone"] if init else "mobilenet_v2")
+    backbone, init_note = make_backbone(backbone_name, data.labels, init)
+    if init_note:
+        log(init_note)
     with timed("preprocess") as t_pre:
         x_train = to_tensors(data.train, pre, "preprocess train")
         x_val = to_tensors(data.val, pre, "preprocess val")
         x_test = to_tensors(data.test, pre, "preprocess test")
-    with timed("frozen trunk") as t_trunk:
-        f_train = run_trunk(trunk, x_train, "trunk train")
-        f_val = run_trunk(trunk, x_val, "trunk val")
-        f_test = run_trunk(trunk, x_test, "trunk test")
+
+    sweep: list[dict[str, Any]] = []
+    if cfg["strategy"] == "auto":
+        with timed("strategy sweep"):
+            choice, sweep = auto_sweep(
+                backbone_name, data.labels, init, x_train, data.train.labels, x_val, data.val.labels, cfg
+            )
+        cfg = {**cfg, **choice, "strategy_requested": "auto"}
+        log(f"auto chose {choice} (val accuracy {max(r['val_accuracy'] for r in sweep):.4f})")
+    cut = trainable_from(cfg["strategy"], backbone, cfg["trainable_blocks"])
+    log(f"{backbone.name}: strategy {cfg['strategy']}, {cut} frozen stage(s), {threads} thread(s)")
+    with timed("fit") as t_fit:
+        fitted = fit(backbone, cut, (x_train, x_val, x_test), data.train.labels, data.val.labels, cfg)
+    trunk, top, history = fitted.trunk, fitted.top, fitted.history
+    frozen = [f"stage{i}" for i in range(cut)]
+    n_total = sum(p.numel() for p in trunk.parameters()) + sum(p.numel() for p in top.parameters())
+    n_train = sum(p.numel() for p in top.parameters())
     del x_train, x_val
 
-    with timed("train") as t_train:
-        history, best = train_top(top, backbone.stages[-1], f_train, data.train.labels, f_val, data.val.labels, cfg)
-    top.load_state_dict(best)
-
     with timed("evaluate"):
-        test_logits = predict_logits(top, f_test)
+        test_logits = predict_logits(top, fitted.f_test)
         report = classification_report(data.test.labels, test_logits.argmax(1), data.labels)
     log(f"test accuracy {report.accuracy:.4f}, macro-F1 {report.macro_f1:.4f} on {report.samples} images")
 
+    baselines: dict[str, dict[str, float]] = {}
+    guard_notes: list[str] = []
+    if "linear-probe" in cfg.get("baselines", []) and cut < backbone.feature_blocks:
+        with timed("linear-probe baseline"):
+            probe = linear_probe_from_cache(backbone_name, data.labels, init, fitted, data, cfg)
+        baselines["linear-probe"] = probe
+        guard_notes = negative_transfer_notes(fitted.best_val, baselines)
+        for n in guard_notes:
+            log(n)
     staging = Staging(Path(args.registry), args.name or "image-classification")
     try:
         full = nn.Sequential(trunk, top).to(memory_format=torch.contiguous_format).eval()
@@ -229,9 +465,9 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
         from safetensors.torch import save_file
 
         save_file(
-            {k: v.contiguous() for k, v in full.state_dict().items()},
+            {k: v.contiguous() for k, v in backbone.model.state_dict().items()},
             str(staging.path("checkpoint.safetensors")),
-            metadata={"backbone": backbone.name, "cut": str(cut)},
+            metadata={"backbone": backbone.name},
         )
 
         manifest = Manifest(
@@ -267,13 +503,23 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
                     "threads": threads,
                     "timings_s": {
                         "preprocess": round(t_pre["seconds"], 1),
-                        "frozen_trunk": round(t_trunk["seconds"], 1),
-                        "train": round(t_train["seconds"], 1),
+                        "frozen_trunk": round(fitted.trunk_seconds, 1),
+                        "train": round(t_fit["seconds"] - fitted.trunk_seconds, 1),
                     },
+                    "auto_sweep": sweep,
                 },
                 history=history,
+                init_from=init["ref"] if init else None,
+                notes=[n for n in (init_note,) if n],
             ),
-            metrics=Metrics(split="test", samples=report.samples, values=report.values(), per_class=report.per_class),
+            metrics=Metrics(
+                split="test",
+                samples=report.samples,
+                values={**report.values(), "val_accuracy": round(fitted.best_val, 5)},
+                per_class=report.per_class,
+                baselines=baselines,
+                notes=guard_notes,
+            ),
             export=ExportInfo(
                 opset=export["opset"],
                 exporter=export["exporter"],

@@ -18,6 +18,7 @@ from ..served import ServedModel, register_task
 @register_task
 class ImageClassifier(ServedModel):
     task = "image-classification"
+    bytes_input_name = "image"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -31,6 +32,10 @@ class ImageClassifier(ServedModel):
         batch = np.stack(items) if len(items) > 1 else items[0][None]
         (logits,) = self.session.run(self.output_names[:1], {self.input_names[0]: batch})
         return list(logits)
+
+    def bytes_to_feeds(self, items: list[bytes]) -> dict[str, np.ndarray]:
+        batch = np.stack([self.preprocessor.from_bytes(d, self.limits)[0] for d in items])
+        return {self.input_names[0]: batch}
 
     def logits_for_bytes(self, data: bytes) -> np.ndarray:
         tensor, _ = self.preprocessor.from_bytes(data, self.limits)

@@ -1,0 +1,229 @@
+"""Data-efficiency study: does reusing a pretrained network pay off, and by how much?
+
+For each label fraction of the training set, the same architecture is trained three ways with
+the same number of epochs, and measured on the same held-out test set:
+
+* fine-tune: pretrained weights, last feature blocks + new head trainable (graft's default)
+* linear probe: pretrained weights frozen, only a new head trains (with and without AdaBN)
+* from scratch: random initialisation, everything trains
+
+    python -m scripts.transfer_study                  # image + sentiment, writes docs/transfer.*
+    python -m scripts.transfer_study --tasks image --fractions 0.01 0.1
+
+Writes docs/transfer.json (every number), docs/transfer.md (table) and docs/transfer.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.manifest import ImagePreprocessing
+from models.preprocess import ImagePreprocessor
+from scripts.train.common import configure_threads, log, set_seed
+from scripts.train.image_classification import (
+    _channels_last,
+    adapt_batchnorm,
+    predict_logits,
+    run_trunk,
+    train_top,
+    trainable_from,
+)
+from scripts.train.image_data import load_fashion_mnist, stratified_split, to_tensors
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+IMAGE_FRACTIONS = (0.01, 0.05, 0.25, 1.0)
+# Same epochs for every arm at a fraction; fewer passes where there is more data.
+IMAGE_EPOCHS = {0.01: 15, 0.05: 6, 0.25: 2, 1.0: 1}
+
+
+def _epochs_for(fraction: float, table: dict[float, int]) -> int:
+    return table.get(fraction) or max(1, round(1.5 / max(fraction, 0.01) ** 0.5))
+
+
+class TrunkCache:
+    """Outputs of a frozen pretrained prefix, computed once per cut and reused across fractions."""
+
+    def __init__(self, xs: dict[str, np.ndarray]) -> None:
+        self.xs = xs
+        self._cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def get(self, stages: list[nn.Module], cut: int) -> dict[str, torch.Tensor]:
+        if cut not in self._cache:
+            trunk = nn.Sequential(*stages[:cut]).to(memory_format=torch.channels_last)
+            self._cache[cut] = {k: run_trunk(trunk, v, f"trunk[:{cut}] {k}") for k, v in self.xs.items()}
+        return self._cache[cut]
+
+
+def image_study(fractions: list[float], seed: int, image_size: int) -> list[dict[str, Any]]:
+    from scripts.train.backbones import load_image_backbone
+
+    data = load_fashion_mnist(val_size=5000, seed=seed)
+    pre = ImagePreprocessor(ImagePreprocessing(height=image_size, width=image_size))
+    val_idx = stratified_split(data.val.labels, len(data.val) - 1000, seed)[0]
+    xs = {
+        "train": to_tensors(data.train, pre, "preprocess train"),
+        "val": to_tensors(data.val.subset(val_idx), pre, "preprocess val"),
+        "test": to_tensors(data.test, pre, "preprocess test"),
+    }
+    y = {"train": data.train.labels, "val": data.val.labels[val_idx], "test": data.test.labels}
+    cache = TrunkCache(xs)
+    base_cfg = {
+        "batch_size": 64,
+        "lr": 0.02,
+        "head_lr": 0.1,
+        "weight_decay": 4e-5,
+        "label_smoothing": 0.1,
+        "patience": 99,
+        "seed": seed,
+    }
+    rows = []
+    for frac in fractions:
+        n = max(len(data.labels), round(frac * len(y["train"])))
+        idx = (
+            np.arange(len(y["train"]))
+            if n >= len(y["train"])
+            else stratified_split(y["train"], len(y["train"]) - n, seed + 1)[1]
+        )
+        epochs = _epochs_for(frac, IMAGE_EPOCHS)
+        cfg = {**base_cfg, "epochs": epochs}
+        for arm in ("fine-tune", "linear probe", "linear probe + AdaBN", "from scratch"):
+            set_seed(seed)
+            start = time.perf_counter()
+            backbone = load_image_backbone("mobilenet_v2", len(data.labels), pretrained=arm != "from scratch")
+            strategy = {"fine-tune": "partial", "from scratch": "full"}.get(arm, "feature-extraction")
+            cut = trainable_from(strategy, backbone, 8)
+            if arm == "linear probe + AdaBN":
+                trunk = nn.Sequential(*backbone.stages[:cut]).to(memory_format=torch.channels_last)
+                adapt_batchnorm(trunk, xs["train"][idx])
+                feats = {k: run_trunk(trunk, v[idx] if k == "train" else v, f"adabn {k}") for k, v in xs.items()}
+            elif cut == 0:
+                feats = {k: _channels_last(torch.from_numpy(v[idx] if k == "train" else v)) for k, v in xs.items()}
+            else:
+                full = cache.get(backbone.stages, cut)
+                feats = {"train": full["train"][idx], "val": full["val"], "test": full["test"]}
+            top = nn.Sequential(*backbone.stages[cut:]).to(memory_format=torch.channels_last)
+            _, best = train_top(top, backbone.stages[-1], feats["train"], y["train"][idx], feats["val"], y["val"], cfg)
+            top.load_state_dict(best)
+            acc = float((predict_logits(top, feats["test"]).argmax(1) == y["test"]).mean())
+            row = {
+                "task": "image",
+                "fraction": frac,
+                "train_size": len(idx),
+                "arm": arm,
+                "epochs": epochs,
+                "test_accuracy": round(acc, 4),
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            log(f"image {frac:>5.0%} ({len(idx)} labels) {arm:<22} accuracy {acc:.4f} ({row['seconds']} s)")
+            rows.append(row)
+    return rows
+
+
+def sentiment_study(sizes: list[int], seed: int) -> list[dict[str, Any]]:
+    """Sentiment arms, if the sentiment trainer provides `study_arms` (see scripts/train/sentiment.py)."""
+    try:
+        from scripts.train.sentiment import study_arms
+    except ImportError:
+        log("sentiment trainer has no study_arms(); skipping the sentiment study")
+        return []
+    return study_arms(sizes, seed)
+
+
+def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "transfer.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [
+        "# Transfer-learning evidence",
+        "",
+        "Generated by `python -m scripts.transfer_study` "
+        f"({meta['seconds'] / 60:.0f} min on {meta['machine']}, {meta['threads']} threads, seed {meta['seed']}).",
+        "Every arm at a label fraction trains the same architecture for the same number of epochs and is",
+        "scored on the same held-out test set (Fashion-MNIST: the official 10,000 test images).",
+        "",
+    ]
+    for task in sorted({r["task"] for r in rows}):
+        task_rows = [r for r in rows if r["task"] == task]
+        arms = list(dict.fromkeys(r["arm"] for r in task_rows))
+        fracs = sorted({r["fraction"] for r in task_rows})
+        metric = "test_accuracy"
+        lines += [
+            f"## {task}",
+            "",
+            "| labels | " + " | ".join(arms) + " | fine-tune - scratch |",
+            "|---" * (len(arms) + 2) + "|",
+        ]
+        for f in fracs:
+            by_arm = {r["arm"]: r for r in task_rows if r["fraction"] == f}
+            size = next(iter(by_arm.values()))["train_size"]
+            cells = [f"{by_arm[a][metric]:.4f}" if a in by_arm else "-" for a in arms]
+            gap = ""
+            if "fine-tune" in by_arm and "from scratch" in by_arm:
+                gap = f"{(by_arm['fine-tune'][metric] - by_arm['from scratch'][metric]) * 100:+.1f} pts"
+            lines.append(f"| {f:.0%} ({size:,}) | " + " | ".join(cells) + f" | {gap} |")
+        lines.append("")
+    lines.append("![transfer](transfer.png)")
+    (out / "transfer.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        task_rows = [r for r in rows if r["task"] == task]
+        for arm in dict.fromkeys(r["arm"] for r in task_rows):
+            pts = sorted((r["train_size"], r["test_accuracy"]) for r in task_rows if r["arm"] == arm)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=arm)
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled training examples")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{task}: pretrained vs from scratch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "transfer.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m scripts.transfer_study", description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", choices=["image", "sentiment"], default=["image", "sentiment"])
+    p.add_argument("--fractions", nargs="+", type=float, default=list(IMAGE_FRACTIONS))
+    p.add_argument("--sentiment-sizes", nargs="+", type=int, default=[100, 500, 2000, 6000])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--out", default=str(DOCS))
+    args = p.parse_args(argv)
+    threads = configure_threads()
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    if "image" in args.tasks:
+        rows += image_study(args.fractions, args.seed, args.image_size)
+    if "sentiment" in args.tasks:
+        rows += sentiment_study(args.sentiment_sizes, args.seed)
+    meta = {
+        "seconds": round(time.perf_counter() - start, 1),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "threads": threads,
+        "seed": args.seed,
+        "torch": torch.__version__,
+    }
+    write_outputs(rows, meta, Path(args.out))
+    log(f"wrote {args.out}/transfer.md, transfer.json, transfer.png in {meta['seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Hot reload across every worker of one server.
+
+BentoML runs N worker processes; an HTTP call to /admin/reload reaches only one of them. That
+worker reloads itself and raises a shared signal (a token in a small state folder); every
+worker's watcher notices the token within `SIGNAL_POLL_S`, reloads, and records what it now
+serves in `worker-<pid>.json`. The admin call waits for all live workers to report the token,
+so its answer says whether the server converged. With GRAFT_RELOAD_INTERVAL > 0 the watcher
+also polls the registry itself (cheap mtime fingerprint), which is how separate pods behind a
+Kubernetes Service converge without anyone calling them one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from models import versions
+
+from .pool import ModelPool
+
+log = logging.getLogger("graft.reload")
+
+SIGNAL_POLL_S = 0.25
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class ReloadSignal:
+    """A folder shared by the workers of one server (GRAFT_STATE_DIR, default under /tmp)."""
+
+    def __init__(self, registry: Path, state_dir: Path | None = None) -> None:
+        if state_dir is None:
+            key = hashlib.sha256(str(Path(registry).resolve()).encode()).hexdigest()[:12]
+            state_dir = Path(tempfile.gettempdir()) / f"graft-state-{key}"
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._token_file = self.dir / "reload-token"
+
+    def request(self) -> int:
+        """Ask every worker to reload; returns the token they will acknowledge."""
+        token = time.time_ns()
+        _write_atomic(self._token_file, str(token))
+        return token
+
+    def current(self) -> int:
+        try:
+            return int(self._token_file.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def report(self, pid: int, token: int, generation: int, served: dict[str, str]) -> None:
+        body = {"pid": pid, "token": token, "generation": generation, "served": served, "at": time.time()}
+        _write_atomic(self.dir / f"worker-{pid}.json", json.dumps(body))
+
+    def workers(self) -> dict[int, dict[str, Any]]:
+        """Reports of live workers (files of dead ones are removed)."""
+        out: dict[int, dict[str, Any]] = {}
+        for p in self.dir.glob("worker-*.json"):
+            try:
+                body = json.loads(p.read_text())
+                pid = int(body["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if _alive(pid):
+                out[pid] = body
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        return out
+
+
+class Reloader:
+    """One per worker: watches the signal (and optionally the registry) and reloads the pool."""
+
+    def __init__(self, pool: ModelPool, signal: ReloadSignal, interval_s: float) -> None:
+        self.pool = pool
+        self.signal = signal
+        self.interval_s = interval_s
+        self.seen_token = signal.current()
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self.last_error: str | None = None
+
+    def served(self) -> dict[str, str]:
+        return {m.name: m.version for m in self.pool.served()}
+
+    def publish(self) -> None:
+        self.signal.report(os.getpid(), self.seen_token, self.pool.generation, self.served())
+
+    async def reload(self, token: int | None = None) -> dict[str, Any]:
+        """Reload this worker (serialised), then record which token it has caught up with."""
+        async with self._lock:
+            token = token if token is not None else self.signal.current()
+            result = await self.pool.reload()
+            self.seen_token = max(self.seen_token, token)
+            self.publish()
+            return result
+
+    async def _watch(self) -> None:
+        next_registry_check = time.monotonic() + self.interval_s if self.interval_s > 0 else float("inf")
+        while True:
+            await asyncio.sleep(SIGNAL_POLL_S)
+            try:
+                token = self.signal.current()
+                if token > self.seen_token:
+                    await self.reload(token)
+                elif time.monotonic() >= next_registry_check:
+                    next_registry_check = time.monotonic() + self.interval_s
+                    sig = await asyncio.get_running_loop().run_in_executor(
+                        None, versions.signature, self.pool.settings.registry
+                    )
+                    if sig != self.pool.last_signature:
+                        log.info("registry changed; reloading")
+                        await self.reload()
+                self.last_error = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the watcher must survive a bad scan
+                self.last_error = str(e)
+                log.exception("reload watcher: %s", e)
+
+    def start(self) -> None:
+        self.publish()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch(), name="graft-reload-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def reload_everywhere(self, expected_workers: int, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Admin reload: this worker now, the others through the signal; wait until all caught up."""
+        token = self.signal.request()
+        result = await self.reload(token)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            workers = self.signal.workers()
+            caught_up = {pid: w for pid, w in workers.items() if w.get("token", 0) >= token}
+            if len(caught_up) >= expected_workers or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        served_sets = {json.dumps(w["served"], sort_keys=True) for w in caught_up.values()}
+        result["workers"] = {
+            "expected": expected_workers,
+            "reloaded": len(caught_up),
+            "converged": len(caught_up) >= expected_workers and len(served_sets) == 1,
+            "served": {str(pid): w["served"] for pid, w in caught_up.items()},
+        }
+        return result

@@ -1,0 +1,333 @@
+"""The KServe v2 / Open Inference Protocol under /v2, so Triton and KServe clients work as-is.
+
+Inputs come either as the tensors the artifact declares (e.g. FP32 `input` [N,3,H,W], already
+preprocessed) or as one BYTES tensor of encoded images or UTF-8 texts, which graft preprocesses
+with the artifact's own rules. Both JSON tensors and Triton's binary tensor extension
+(`Inference-Header-Content-Length`) are accepted and produced. Requesting an output with
+`parameters: {"classification": k}` returns the top-k as "probability:index:label" strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import struct
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field, ValidationError
+
+from models.errors import InvalidInput
+from models.postprocess import softmax
+
+from .pool import ModelNotFound, ModelPool
+from .served import ServedModel
+from .state import Pool
+
+V2_DTYPES: dict[str, np.dtype | None] = {
+    "BOOL": np.dtype(bool),
+    "UINT8": np.dtype(np.uint8),
+    "INT8": np.dtype(np.int8),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": None,
+}
+MANIFEST_TO_V2 = {
+    "float32": "FP32",
+    "float16": "FP16",
+    "int64": "INT64",
+    "int32": "INT32",
+    "uint8": "UINT8",
+    "bool": "BOOL",
+}
+MAX_V2_BATCH = 256
+
+
+class TensorIn(BaseModel):
+    name: str = Field(max_length=128)
+    shape: list[Annotated[int, Field(ge=0, le=1 << 24)]] = Field(max_length=8)
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: Any = None
+
+
+class OutputRequest(BaseModel):
+    name: str = Field(max_length=128)
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    id: str | None = Field(default=None, max_length=256)
+    parameters: dict[str, Any] | None = None
+    inputs: list[TensorIn] = Field(min_length=1, max_length=16)
+    outputs: list[OutputRequest] | None = None
+
+
+def _flatten(data: Any) -> list[Any]:
+    if isinstance(data, list):
+        out: list[Any] = []
+        for d in data:
+            out.extend(_flatten(d))
+        return out
+    return [data]
+
+
+def _deserialize_bytes(raw: bytes) -> list[bytes]:
+    items, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise InvalidInput("BYTES binary data is truncated (a 4-byte length prefix is cut off)")
+        (n,) = struct.unpack_from("<I", raw, i)
+        i += 4
+        if i + n > len(raw):
+            raise InvalidInput("BYTES binary data is truncated (an element is shorter than its length prefix)")
+        items.append(raw[i : i + n])
+        i += n
+    return items
+
+
+def _serialize_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def _decode_tensor(t: TensorIn, binary: memoryview, offset: int) -> tuple[np.ndarray | list[bytes], int]:
+    """One input tensor as an ndarray (or a list of bytes for BYTES); returns the new offset."""
+    if t.datatype not in V2_DTYPES:
+        raise InvalidInput(f"input {t.name!r}: unsupported datatype {t.datatype!r} (use one of {sorted(V2_DTYPES)})")
+    count = int(np.prod(t.shape)) if t.shape else 1
+    size = (t.parameters or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise InvalidInput(f"input {t.name!r}: binary_data_size {size!r} does not fit the request body")
+        raw = bytes(binary[offset : offset + size])
+        offset += size
+        if t.datatype == "BYTES":
+            values: list[Any] = _deserialize_bytes(raw)
+        else:
+            dtype = V2_DTYPES[t.datatype]
+            assert dtype is not None
+            if size != count * dtype.itemsize:
+                raise InvalidInput(f"input {t.name!r}: {size} bytes do not hold shape {t.shape} of {t.datatype}")
+            return np.frombuffer(raw, dtype=dtype).reshape(t.shape), offset
+    else:
+        if t.data is None:
+            raise InvalidInput(f"input {t.name!r}: no data and no binary_data_size")
+        values = _flatten(t.data)
+    if len(values) != count:
+        raise InvalidInput(f"input {t.name!r}: {len(values)} values do not fill shape {t.shape}")
+    if t.datatype == "BYTES":
+        out = []
+        for v in values:
+            if isinstance(v, bytes):
+                out.append(v)
+            elif isinstance(v, str):
+                out.append(v.encode("utf-8"))
+            else:
+                raise InvalidInput(f"input {t.name!r}: BYTES elements must be strings")
+        return out, offset
+    dtype = V2_DTYPES[t.datatype]
+    try:
+        arr = np.asarray(values, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise InvalidInput(f"input {t.name!r}: values are not {t.datatype}: {e}") from e
+    return arr.reshape(t.shape), offset
+
+
+def _maybe_base64(item: bytes) -> bytes:
+    """Images in JSON BYTES tensors travel base64-encoded; raw bytes (binary extension) pass."""
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError):
+        return item
+
+
+def _get_model(pool: ModelPool, name: str, version: str | None) -> ServedModel:
+    state = next((m for m in pool.served() if m.name == name), None)
+    if state is None:
+        raise ModelNotFound(f"model {name!r} is not served (see GET /v2/models/{name}... or GET /models)")
+    if version is not None and version != state.version:
+        raise ModelNotFound(f"model {name!r} serves version {state.version}, not {version!r}")
+    return state
+
+
+def metadata(model: ServedModel) -> dict[str, Any]:
+    def spec(t: Any) -> dict[str, Any]:
+        return {
+            "name": t.name,
+            "datatype": MANIFEST_TO_V2[t.dtype],
+            "shape": [d if isinstance(d, int) else -1 for d in t.shape],
+        }
+
+    return {
+        "name": model.name,
+        "versions": [model.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [spec(t) for t in model.manifest.inputs],
+        "outputs": [spec(t) for t in model.manifest.outputs],
+        "parameters": {"task": model.task, "labels": model.manifest.labels, "bytes_input": model.bytes_input_name},
+    }
+
+
+async def infer(model: ServedModel, request: Request) -> Response:
+    body = await request.body()
+    header_len = request.headers.get("inference-header-content-length")
+    if header_len is not None:
+        try:
+            n = int(header_len)
+        except ValueError as e:
+            raise InvalidInput("Inference-Header-Content-Length is not an integer") from e
+        if not 0 < n <= len(body):
+            raise InvalidInput(f"Inference-Header-Content-Length {n} does not fit a {len(body)}-byte body")
+        head, binary = body[:n], memoryview(body)[n:]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        req = InferRequest.model_validate(json.loads(head))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidInput(f"the inference request is not valid JSON: {e}") from e
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise InvalidInput(f"invalid inference request: {loc}: {first['msg']}") from e
+
+    offset = 0
+    decoded: dict[str, np.ndarray | list[bytes]] = {}
+    for t in req.inputs:
+        decoded[t.name], offset = _decode_tensor(t, binary, offset)
+
+    loop = asyncio.get_running_loop()
+    byte_inputs = [t for t in req.inputs if t.datatype == "BYTES"]
+    if byte_inputs:
+        if len(req.inputs) != 1:
+            raise InvalidInput("send either one BYTES input or the model's declared tensors, not both")
+        items = decoded[byte_inputs[0].name]
+        assert isinstance(items, list)
+        if not items or len(items) > MAX_V2_BATCH:
+            raise InvalidInput(f"a BYTES input needs 1 to {MAX_V2_BATCH} elements, got {len(items)}")
+        if model.bytes_input_name == "image":
+            items = [_maybe_base64(i) for i in items]
+        feeds = await loop.run_in_executor(model.cpu_executor, model.bytes_to_feeds, items)
+    else:
+        feeds = {}
+        declared = {t.name: t for t in model.manifest.inputs}
+        if set(decoded) != set(declared):
+            raise InvalidInput(f"inputs {sorted(decoded)} do not match the model's {sorted(declared)}")
+        for name, arr in decoded.items():
+            assert isinstance(arr, np.ndarray)
+            spec = declared[name]
+            if arr.dtype != np.dtype(spec.dtype):
+                raise InvalidInput(f"input {name!r} must be {MANIFEST_TO_V2[spec.dtype]}, got {arr.dtype}")
+            if arr.ndim != len(spec.shape) or any(
+                isinstance(d, int) and d != s for d, s in zip(spec.shape, arr.shape, strict=False)
+            ):
+                raise InvalidInput(f"input {name!r} has shape {list(arr.shape)}; the model takes {spec.shape}")
+            if arr.shape and arr.shape[0] > MAX_V2_BATCH:
+                raise InvalidInput(f"batch of {arr.shape[0]} is over the limit of {MAX_V2_BATCH}")
+            feeds[name] = np.ascontiguousarray(arr)
+    results = await loop.run_in_executor(model.infer_executor, model.run_feeds, feeds)
+
+    wanted = req.outputs or [OutputRequest(name=n) for n in results]
+    binary_all = bool((req.parameters or {}).get("binary_data_output", False))
+    outputs, chunks = [], []
+    for o in wanted:
+        if o.name not in results:
+            raise InvalidInput(f"unknown output {o.name!r}; the model has {sorted(results)}")
+        arr = results[o.name]
+        params = o.parameters or {}
+        k = params.get("classification")
+        if k is not None:
+            if not isinstance(k, int) or k < 1:
+                raise InvalidInput("classification must be a positive integer")
+            probs = softmax(arr.reshape(arr.shape[0], -1))
+            k = min(k, probs.shape[1])
+            top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+            labels = model.manifest.labels
+            strings = [
+                f"{probs[r, c]:.6f}:{c}:{labels[c] if c < len(labels) else c}".encode()
+                for r in range(top.shape[0])
+                for c in top[r]
+            ]
+            entry: dict[str, Any] = {"name": o.name, "datatype": "BYTES", "shape": [top.shape[0], k]}
+            payload_bytes, json_data = _serialize_bytes(strings), [s.decode() for s in strings]
+        else:
+            dt = MANIFEST_TO_V2.get(str(arr.dtype), "FP32")
+            arr = arr.astype(np.float32) if dt == "FP32" and arr.dtype != np.float32 else arr
+            entry = {"name": o.name, "datatype": dt, "shape": list(arr.shape)}
+            payload_bytes, json_data = np.ascontiguousarray(arr).tobytes(), None
+        if params.get("binary_data", binary_all):
+            entry["parameters"] = {"binary_data_size": len(payload_bytes)}
+            chunks.append(payload_bytes)
+        else:
+            entry["data"] = json_data if json_data is not None else arr.reshape(-1).tolist()
+        outputs.append(entry)
+    response = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
+    if req.id is not None:
+        response["id"] = req.id
+    if not chunks:
+        return JSONResponse(response)
+    head_bytes = json.dumps(response).encode()
+    return Response(
+        head_bytes + b"".join(chunks),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head_bytes))},
+    )
+
+
+router = APIRouter(prefix="/v2", tags=["kserve-v2"])
+
+
+@router.get("")
+async def server_metadata() -> dict[str, Any]:
+    """Server metadata (Open Inference Protocol)."""
+    return {"name": "graft", "version": "0.1.0", "extensions": ["binary_tensor_data", "classification"]}
+
+
+@router.get("/health/live")
+async def server_live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready")
+async def server_ready(pool: Pool) -> JSONResponse:
+    ready = pool.ready
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+
+@router.get("/models/{name}")
+async def model_metadata(name: str, pool: Pool) -> dict[str, Any]:
+    return metadata(_get_model(pool, name, None))
+
+
+@router.get("/models/{name}/versions/{version}")
+async def model_version_metadata(name: str, version: str, pool: Pool) -> dict[str, Any]:
+    return metadata(_get_model(pool, name, version))
+
+
+@router.get("/models/{name}/ready")
+async def model_ready(name: str, pool: Pool) -> dict[str, Any]:
+    m = _get_model(pool, name, None)
+    return {"name": m.name, "ready": True}
+
+
+@router.get("/models/{name}/versions/{version}/ready")
+async def model_version_ready(name: str, version: str, pool: Pool) -> dict[str, Any]:
+    m = _get_model(pool, name, version)
+    return {"name": m.name, "ready": True}
+
+
+@router.post("/models/{name}/infer")
+async def model_infer(name: str, request: Request, pool: Pool) -> Response:
+    """Inference with JSON or binary tensors (Triton's binary tensor data extension)."""
+    return await infer(_get_model(pool, name, None), request)
+
+
+@router.post("/models/{name}/versions/{version}/infer")
+async def model_version_infer(name: str, version: str, request: Request, pool: Pool) -> Response:
+    return await infer(_get_model(pool, name, version), request)

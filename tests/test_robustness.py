@@ -1,0 +1,186 @@
+"""Hostile input, load, soak and faults against a real server on loopback. Every check is
+bounded in requests and time, and stops by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from scripts.server_process import BentoServer
+from tests.conftest import encode
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def _png_bomb(w: int, h: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def hostile_requests() -> list[tuple[dict, set[int]]]:
+    """(httpx kwargs for POST /classify, acceptable statuses)."""
+    ok = encode(Image.new("RGB", (64, 48), (10, 200, 30)))
+    jpeg = encode(Image.new("RGB", (300, 200), (200, 10, 30)), "JPEG")
+    rgba = encode(Image.new("RGBA", (30, 30), (1, 2, 3, 0)))
+    grey16 = encode(Image.fromarray(np.full((20, 20), 40000, np.uint16)))
+    cmyk = encode(Image.new("CMYK", (20, 20), (0, 50, 100, 0)), "JPEG")
+    gif = io.BytesIO()
+    Image.new("P", (10, 10)).save(gif, format="GIF")
+    return [
+        ({"files": {"image": ("a.png", ok)}}, {200}),
+        ({"files": {"image": ("a.jpg", jpeg)}}, {200}),
+        ({"files": {"image": ("a.png", rgba)}}, {200}),
+        ({"files": {"image": ("a.png", grey16)}}, {200}),
+        ({"files": {"image": ("a.jpg", cmyk)}}, {200}),
+        ({"files": {"image": ("a.gif", gif.getvalue())}}, {200}),
+        ({"files": {"image": ("a.webp", encode(Image.new("RGB", (9, 9)), "WEBP"))}}, {200}),
+        ({"files": {"image": ("a.bmp", encode(Image.new("RGB", (9, 9)), "BMP"))}}, {200}),
+        ({"files": {"image": ("bomb.png", _png_bomb(30_000, 30_000))}}, {413}),
+        ({"files": {"image": ("trunc.jpg", jpeg[: len(jpeg) // 2])}}, {400}),
+        ({"files": {"image": ("x.bin", os.urandom(2048))}}, {415}),
+        ({"files": {"image": ("e.png", b"")}}, {400}),
+        ({"files": {"image": ("a.png", ok)}, "data": {"top_k": "-1"}}, {400}),
+        ({"files": {"image": ("a.png", ok)}, "data": {"model": "x" * 200}}, {400}),
+        ({"files": {"image": ("a.png", ok)}, "data": {"model": "../../etc"}}, {404}),
+        ({"content": b"\xff\xfe\x00garbage", "headers": {"content-type": "multipart/form-data; boundary=zz"}}, {400}),
+        ({"content": b"not multipart", "headers": {"content-type": "text/plain"}}, {400}),
+        ({"json": {"image": [1, 2, 3]}}, {400}),
+    ]
+
+
+def test_hostile_inputs_get_clear_4xx_and_good_ones_work(server) -> None:
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for kwargs, expected in hostile_requests():
+            r = client.post("/classify", **kwargs)
+            assert r.status_code in expected, (kwargs.get("files") or kwargs.get("headers"), r.status_code, r.text)
+            if r.status_code >= 400:
+                assert r.json()["error"], r.text
+            assert r.headers.get("x-request-id")
+
+
+def test_schemathesis_finds_no_server_errors(server, tmp_path: Path) -> None:
+    """Property-based fuzzing of every operation in /docs.json; fails on any 5xx."""
+    exe = Path(sys.executable).parent / "schemathesis"
+    cmd = [
+        str(exe),
+        "run",
+        f"{server.url}/docs.json",
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        "30",
+        "--seed",
+        "7",
+        "--request-timeout",
+        "30",
+        "--report",
+        "junit",
+        "--report-dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
+    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    counts = re.search(r"(\d+) generated, (\d+) passed", proc.stdout)
+    assert counts and counts.group(1) == counts.group(2) and int(counts.group(1)) > 50, tail
+
+
+async def _load(url: str, requests: int, concurrency: int) -> dict[int, int]:
+    cases = hostile_requests()
+    statuses: dict[int, int] = {}
+    sem = asyncio.Semaphore(concurrency)
+
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+
+        async def one(i: int) -> None:
+            kwargs, _ = cases[i % len(cases)]
+            async with sem:
+                r = await client.post("/classify", **kwargs)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+
+        await asyncio.gather(*(one(i) for i in range(requests)))
+    return statuses
+
+
+def test_mixed_load_has_no_5xx(server) -> None:
+    statuses = asyncio.run(_load(server.url, requests=540, concurrency=16))
+    assert sum(statuses.values()) == 540
+    assert not any(s >= 500 for s in statuses), statuses
+    assert statuses.get(200, 0) >= 200
+
+
+def _worker_pids(server: BentoServer) -> list[int]:
+    """Worker processes of a server: children of the `bentoml serve` process."""
+    assert server.proc is not None
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    parent = server.proc.pid
+    return [
+        int(line.split()[0])
+        for line in out.splitlines()[1:]
+        if line.split()[1] == str(parent) and "_bentoml_impl.worker" in line
+    ]
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_soak_memory_does_not_grow(server) -> None:
+    """Warm up, then several rounds of mixed traffic: worker RSS must level off."""
+    pids = _worker_pids(server)
+    assert pids
+    asyncio.run(_load(server.url, requests=300, concurrency=8))
+    baseline = sum(_rss_mb(p) for p in pids)
+    samples = []
+    for _ in range(4):
+        asyncio.run(_load(server.url, requests=300, concurrency=8))
+        samples.append(sum(_rss_mb(p) for p in pids))
+    growth = samples[-1] - baseline
+    assert growth < 40, f"worker RSS grew {growth:.1f} MB over 1,200 requests (baseline {baseline:.0f} MB: {samples})"
+
+
+def test_killed_worker_is_replaced_and_readiness_reflects_it(registry: Path, image_artifact: Path) -> None:
+    img = encode(Image.new("RGB", (32, 32), (5, 5, 5)))
+    with BentoServer(registry) as srv:
+        (victim,) = _worker_pids(srv)
+        os.kill(victim, signal.SIGKILL)
+        seen_down = False
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(srv.url + "/readyz", timeout=1)
+                if r.status_code == 200 and seen_down:
+                    break
+                seen_down = seen_down or r.status_code != 200
+            except httpx.HTTPError:
+                seen_down = True
+            time.sleep(0.1)
+        assert seen_down, "readiness never reflected the dead worker"
+        new = _worker_pids(srv)
+        assert new and victim not in new
+        r = httpx.post(srv.url + "/classify", files={"image": ("x.png", img)}, timeout=30)
+        assert r.status_code == 200

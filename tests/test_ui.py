@@ -1,0 +1,67 @@
+"""The demo page in a real headless Chromium: upload an image, see its classes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import encode
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.fail("chromium and chromium-driver are required (apt-get install -y chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path_factory.mktemp('chrome')}",
+    ):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def test_upload_an_image_and_see_its_classes(browser, server, fashion_test, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    x, _ = fashion_test
+    picture = tmp_path / "item.png"
+    picture.write_bytes(encode(Image.fromarray(x[0]).resize((112, 112))))
+    expected = httpx.post(server.url + "/classify", files={"image": ("i.png", picture.read_bytes())}).json()
+
+    browser.get(server.url + "/ui")
+    wait = WebDriverWait(browser, 30)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "models"), "image-classification:"))
+    assert expected["model"]["version"] in browser.find_element(By.ID, "models").text
+
+    browser.find_element(By.ID, "image-input").send_keys(str(picture))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "classify-results"), "answered by"))
+    results = browser.find_element(By.ID, "classify-results").text
+    assert expected["predictions"][0]["label"] in results.splitlines()[1]
+    assert f"answered by image-classification {expected['model']['version']}" in results
+    assert browser.find_element(By.ID, "canvas").is_displayed()

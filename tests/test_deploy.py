@@ -31,6 +31,11 @@ K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ["base", "overlays/dev", "overlays/gpu"]
 CONFIG_SOURCE = (REPO / "service" / "config.py").read_text()
 FETCH_SCRIPT = K8S / "components" / "fetch-models" / "fetch_models.py"
+SERVICE_DATA_FILES = [
+    p
+    for p in (REPO / "service").rglob("*")
+    if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts
+]
 # Kubernetes releases the manifests must validate against: the oldest we support, the newest known.
 K8S_VERSIONS = ["1.28.0", "latest"]
 
@@ -505,6 +510,9 @@ def test_bentoml_build_works_offline(tmp_path: Path) -> None:
     root = bentos[0].parent
     src = {p.relative_to(root / "src").as_posix() for p in (root / "src").rglob("*") if p.is_file()}
     assert "service/service.py" in src and "models/manifest.py" in src
+    # Data files the service reads at import (the demo page) must travel with the code.
+    data_files = {p.relative_to(REPO).as_posix() for p in SERVICE_DATA_FILES}
+    assert data_files <= src, data_files - src
     assert not [p for p in src if p.startswith(("models/registry/", "scripts/", "tests/")) or p.endswith(".onnx")]
     requirements = (root / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime" in requirements and "torch" not in requirements
@@ -600,6 +608,9 @@ def test_serving_install_has_no_torch_and_serves(
     for module in ("torch", "torchvision", "transformers"):
         probe = subprocess.run([py, "-c", f"import {module}"], capture_output=True, text=True)
         assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, f"{module} is importable"
+    site = next(serving_venv.glob("lib/python3*/site-packages"))
+    for f in SERVICE_DATA_FILES:
+        assert (site / f.relative_to(REPO)).is_file(), f"{f.relative_to(REPO)} is missing from the installed wheel"
     size_mb = _du_mb(serving_venv)
     print(f"\nserving venv: {size_mb:.0f} MB")
     assert size_mb < 600, f"the serving install grew to {size_mb:.0f} MB"

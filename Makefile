@@ -15,7 +15,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: help setup setup-serving data models models-quick serve test lint format clean
+.PHONY: help setup setup-serving data models models-quick serve test deploy-check lint format clean
 
 help:
 	@echo "make serve    set up .venv, build default models if the registry is empty, serve on $(HOST):$(PORT)"
@@ -23,6 +23,7 @@ help:
 	@echo "make setup    install serving + training + dev dependencies into .venv"
 	@echo "make models   build the full-quality recipes for every task"
 	@echo "make lint     ruff"
+	@echo "make deploy-check  render + validate the Kubernetes manifests, lint the Dockerfile (see docs/DEPLOY.md)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +67,10 @@ serve: models-quick
 
 test: setup data
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast deployment checks: kustomize render, schema validation, invariants, hadolint.
+deploy-check: setup
+	$(BIN)/python -m pytest -q tests/test_deploy.py -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -11,6 +11,7 @@ MODEL_REGISTRY ?= $(CURDIR)/models/registry
 PYTEST_ARGS ?=
 export MODEL_REGISTRY
 export BENTOML_DO_NOT_TRACK ?= true
+export ORT_DISABLE_TELEMETRY ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz

@@ -52,6 +52,7 @@ class BentoServer:
             **os.environ,
             "MODEL_REGISTRY": str(self.registry),
             "BENTOML_DO_NOT_TRACK": "true",
+            "ORT_DISABLE_TELEMETRY": "1",
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import onnxruntime as ort
@@ -30,6 +31,9 @@ def create_session(
     """Open an ONNX model; providers not available in this onnxruntime build are skipped."""
     available = set(ort.get_available_providers())
     chosen = [p for p in providers if p in available]
+    missing = [p for p in providers if p not in available]
+    if missing and os.environ.get("GRAFT_ORT_STRICT") == "1":
+        raise RuntimeError(f"execution providers {missing} are not available (have {sorted(available)})")
     if not chosen:
         log.warning("none of %s is available (have %s); using CPU", providers, sorted(available))
         chosen = ["CPUExecutionProvider"]

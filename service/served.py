@@ -118,6 +118,7 @@ class ServedModel(ABC):
             **self.manifest.summary(),
             "inputs": [i.model_dump() for i in self.manifest.inputs],
             "outputs": [o.model_dump() for o in self.manifest.outputs],
+            "providers": self.session.get_providers(),
             "batching": {
                 "max_batch_size": self.batcher.max_batch_size,
                 "max_latency_ms": self.batcher.max_latency_s * 1000.0,

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRAFT_NO_PROGRESS", "1")
 
 FASHION = Path(os.environ.get("GRAFT_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")

@@ -249,16 +249,19 @@ def make_backbone(name: str, labels: list[str], init: dict[str, Any] | None, pre
 
 
 @torch.no_grad()
-def adapt_batchnorm(module: nn.Module, x: np.ndarray, batch: int = 256) -> int:
+def adapt_batchnorm(module: nn.Module, x: np.ndarray, batch: int = 256, max_gain: float = 10.0) -> int:
     """AdaBN: replace BatchNorm running statistics with ones measured on target-domain images.
 
-    Weights are untouched; only the normalisation moves to the new data. Returns how many
-    BatchNorm layers were re-estimated.
+    Weights are untouched; only the normalisation moves to the new data. A channel that is
+    nearly constant on the target data (black Fashion-MNIST backgrounds do this) would get a
+    near-zero variance and be amplified by up to 1/sqrt(eps); its standard deviation is kept
+    within `max_gain` of the source one, which bounds that amplification (and the float error
+    it brings into the exported graph). Returns how many BatchNorm layers were re-estimated.
     """
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return 0
-    saved = [bn.momentum for bn in bns]
+    saved = [(bn.momentum, bn.running_var.clone()) for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over all batches
@@ -266,8 +269,9 @@ def adapt_batchnorm(module: nn.Module, x: np.ndarray, batch: int = 256) -> int:
     for i in progress(range(0, len(x), batch), "AdaBN", total=math.ceil(len(x) / batch), unit="batch"):
         module(_channels_last(torch.from_numpy(x[i : i + batch])))
     module.eval()
-    for bn, m in zip(bns, saved, strict=True):
-        bn.momentum = m
+    for bn, (momentum, source_var) in zip(bns, saved, strict=True):
+        bn.momentum = momentum
+        bn.running_var.clamp_(min=source_var / max_gain**2)
     return len(bns)
 
 

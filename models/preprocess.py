@@ -63,8 +63,9 @@ class Geometry:
         out = np.asarray(boxes, dtype=np.float32).copy()
         out[:, [0, 2]] = (out[:, [0, 2]] - self.pad_x) / self.scale_x
         out[:, [1, 3]] = (out[:, [1, 3]] - self.pad_y) / self.scale_y
-        np.clip(out[:, [0, 2]], 0, self.orig_width, out=out[:, [0, 2]])
-        np.clip(out[:, [1, 3]], 0, self.orig_height, out=out[:, [1, 3]])
+        # Fancy indexing returns copies, so clip and assign back (np.clip(..., out=view) would not).
+        out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, self.orig_width)
+        out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, self.orig_height)
         return out
 
 

@@ -142,3 +142,5 @@ def test_letterbox_geometry_inverts_exactly() -> None:
     assert geo.pad_x == 0 and geo.pad_y == 70  # 640x360 -> 320x180 centred vertically
     model_box = np.array([[32.0, 70 + 18.0, 64.0, 70 + 36.0]])
     np.testing.assert_allclose(geo.to_original(model_box), [[64, 36, 128, 72]], atol=1e-4)
+    # Boxes reaching into the padding are clipped to the original image.
+    np.testing.assert_allclose(geo.to_original(np.array([[-10.0, 10.0, 330.0, 300.0]])), [[0, 0, 640, 360]])

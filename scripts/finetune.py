@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--init-from", help="start from an earlier artifact: NAME[/VERSION] or a folder")
     p.add_argument("--quantize", choices=["int8"], help="also quantize the exported model")
+    p.add_argument(
+        "--adapt-on",
+        metavar="FILE",
+        help="text: continue masked-LM pretraining on unlabelled in-domain text (.txt lines, CSV/JSONL `text`) "
+        "before fine-tuning",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="the small, fast recipe (tests and demos)")
     p.add_argument("--recipe", help="recipe name (default: 'quick' with --quick, else 'default')")
@@ -92,6 +98,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
 # task -> module under scripts.train with `run(args, cfg) -> Path`
 JOBS = {
     "image-classification": "scripts.train.image_classification",
+    "sentiment": "scripts.train.sentiment",
 }
 
 

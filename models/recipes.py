@@ -42,14 +42,15 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "sentiment": {
-        # Full fine-tune of MiniLM-L6 on the cleaned tweet corpus (~28.5k train texts).
+        # MiniLM-L6, all 6 blocks trained (word embeddings frozen), one epoch over the ~28.5k
+        # cleaned training tweets: ~900 steps, about 15 minutes on 2 idle cores.
         "default": {
-            "strategy": "full",
+            "strategy": "partial",
             "trainable_blocks": 6,
             "max_length": 128,
-            "epochs": 2,
+            "epochs": 1,
             "batch_size": 32,
-            "lr": 8e-5,
+            "lr": 1e-4,
             "head_lr": 2e-3,
             "weight_decay": 0.01,
             "warmup": 0.06,
@@ -72,7 +73,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         },
         # 3,000 training tweets, one epoch; tested on 1,000 held-out tweets of the same test split.
         "quick": {
-            "strategy": "full",
+            "strategy": "partial",
             "trainable_blocks": 6,
             "max_length": 128,
             "epochs": 1,
@@ -89,7 +90,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
             "irreparable": "strip",
             "min_confidence": None,
             "train_limit": 3000,
-            "val_limit": 500,
+            "val_limit": 300,
             "test_limit": 1000,
             "parity_samples": 256,
             "baselines": False,

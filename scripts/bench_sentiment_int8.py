@@ -77,6 +77,23 @@ def compare_throughput(
     }
 
 
+def batch_dependence(sess: Any, tok: TextTokenizer, texts: list[str]) -> float:
+    """Max |logits of a text run alone - the same text's logits in a batch of 32|."""
+    names = [i.name for i in sess.get_inputs()]
+    together = np.concatenate(
+        [sess.run(None, tok(texts[i : i + 32]).feeds(names))[0] for i in range(0, len(texts), 32)]
+    )
+    alone = np.concatenate([sess.run(None, tok([t]).feeds(names))[0] for t in texts])
+    return float(np.abs(together - alone).max())
+
+
+def quantize_int8(fp32: Path, int8: Path) -> None:
+    """ONNX Runtime dynamic quantization: int8 weights, activations quantized per batch at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+
+
 def _accuracy(sess: Any, tok: TextTokenizer, texts: list[str], labels: list[int]) -> float:
     names = [i.name for i in sess.get_inputs()]
     preds = np.concatenate([sess.run(None, f)[0].argmax(1) for f in _batches(tok, texts, 64, names)])
@@ -88,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     from scripts.ensure_models import has_valid_version
     from scripts.finetune import DEFAULT_REGISTRY
     from scripts.train.common import log, ort_session
-    from scripts.train.sentiment import quantize_int8
     from scripts.train.text_data import load_text_dataset
 
     p = argparse.ArgumentParser(prog="python -m scripts.bench_sentiment_int8", description=__doc__.splitlines()[0])

@@ -42,6 +42,7 @@ from models.manifest import (
     WarmupSample,
 )
 from models.text import TextTokenizer, pad_id_of
+from scripts.bench_sentiment_int8 import batch_dependence, compare_throughput, quantize_int8
 
 from .common import (
     ClassificationReport,
@@ -366,23 +367,6 @@ def onnx_logits(
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
-def batch_dependence(sess: onnxruntime.InferenceSession, tok: TextTokenizer, texts: list[str]) -> float:
-    """Max |logits of a text run alone - the same text's logits in a batch of 32|."""
-    names = [i.name for i in sess.get_inputs()]
-    together = np.concatenate(
-        [sess.run(None, tok(texts[i : i + 32]).feeds(names))[0] for i in range(0, len(texts), 32)]
-    )
-    alone = np.concatenate([sess.run(None, tok([t]).feeds(names))[0] for t in texts])
-    return float(np.abs(together - alone).max())
-
-
-def quantize_int8(fp32: Path, int8: Path) -> None:
-    """ONNX Runtime dynamic quantization: int8 weights, activations quantized per batch at run time."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-
-
 def _report(labels: list[str], y: np.ndarray, logits: np.ndarray) -> ClassificationReport:
     return classification_report(y, logits.argmax(1), labels)
 
@@ -536,8 +520,6 @@ def _run(
             sess_int8 = ort_session(model_path)
             int8_test = onnx_logits(sess_int8, test_data, desc="test (int8)")
             int8_report = _report(data.labels, y_test, int8_test)
-        from scripts.bench_sentiment_int8 import compare_throughput
-
         speed = compare_throughput(sess, sess_int8, tok, data.test.texts, batch_size=32, repeats=cfg["bench_repeats"])
         agree = float(np.mean(int8_test.argmax(1) == onnx_test.argmax(1)))
         drift = batch_dependence(sess_int8, tok, data.test.texts[:64])

@@ -80,6 +80,10 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    def token_id(self, token: str) -> int | None:
+        """Id of a token such as "[MASK]", or None when the vocabulary lacks it."""
+        return self._tok.token_to_id(token)
+
     def encode(self, texts: Sequence[str]) -> list[Encoding]:
         """Tokenize without padding (each encoding at its own length, at most max_length)."""
         if self.spec.lowercase:

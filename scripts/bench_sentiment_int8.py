@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             _accuracy(fp32, tok, data.test.texts, data.test.labels),
             _accuracy(int8, tok, data.test.texts, data.test.labels),
         )
+    drift = (batch_dependence(fp32, tok, data.test.texts[:64]), batch_dependence(int8, tok, data.test.texts[:64]))
     sizes = (fp32_path.stat().st_size / 1e6, int8_path.stat().st_size / 1e6)
     load = os.getloadavg()
     lines = [
@@ -182,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             f"({(acc[1] - acc[0]) * 100:+.2f} points) |"
         )
     lines += [
+        f"| max \\|logit alone - logit in a batch of 32\\| (64 texts) | {drift[0]:.1e} | {drift[1]:.2f} |",
+        "",
+        "Dynamic int8 quantizes activations with one scale per tensor, computed from the whole batch at run "
+        "time: a text's int8 logits therefore depend on which texts share its batch (and their padding). "
+        "fp32 answers are batch-independent to float rounding.",
         "",
         "Per-pass seconds (alternating, same batches):",
         "",

@@ -287,18 +287,17 @@ def adapt_mlm(source: str, texts: list[str], tok: TextTokenizer, cfg: dict[str, 
     from transformers import AutoModelForMaskedLM
 
     mlm = AutoModelForMaskedLM.from_pretrained(source, attn_implementation="eager")
-    mask_id = tok._tok.token_to_id("[MASK]")
-    if mask_id is None:
-        mask_id = tok._tok.token_to_id("<mask>")
+    mask_id = next((i for i in map(tok.token_id, ("[MASK]", "<mask>")) if i is not None), None)
     if mask_id is None:
         raise SystemExit("--adapt-on needs a tokenizer with a [MASK] or <mask> token")
-    special = {tok.pad_id, *(tok._tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "<s>", "</s>"))} - {None}
+    special = {tok.pad_id} | {i for i in map(tok.token_id, ("[CLS]", "[SEP]", "<s>", "</s>")) if i is not None}
     rng = random.Random(cfg["seed"])
     gen = torch.Generator().manual_seed(cfg["seed"])
     data = EncodedSplit(TextSplit(texts, [0] * len(texts)), tok)
     opt = torch.optim.AdamW([p for p in mlm.parameters() if p.requires_grad], lr=cfg["adapt_lr"], weight_decay=0.01)
     bs = cfg["batch_size"]
     batches = length_batches(data.lengths, bs, rng, shuffle=True)[: cfg["adapt_steps"]]
+    head = getattr(mlm, "cls", None)  # BERT-family masked-LM head
     mlm.train()
     losses = []
     for idx in progress(batches, "masked-LM adaptation", total=len(batches), unit="step"):
@@ -312,7 +311,13 @@ def adapt_mlm(source: str, texts: list[str], tok: TextTokenizer, cfg: dict[str, 
         ids[chosen & (roll < 0.8)] = mask_id
         rand_pos = chosen & (roll >= 0.8) & (roll < 0.9)
         ids[rand_pos] = torch.randint(tok.vocab_size, (int(rand_pos.sum()),), generator=gen)
-        loss = mlm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if head is not None:
+            # The vocabulary projection only where a token was chosen: ~7x less work than everywhere.
+            hidden = mlm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            chosen_pos = labels != -100
+            loss = nn.functional.cross_entropy(head(hidden[chosen_pos]), labels[chosen_pos])
+        else:
+            loss = mlm(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -21,6 +21,7 @@ from scripts.train.text_data import (
     load_rows,
     load_text_dataset,
     order_labels,
+    read_unlabelled,
     stratified_split,
 )
 from service.config import Settings
@@ -118,6 +119,18 @@ def test_loader_errors_name_the_problem(tmp_path: Path, content: str, suffix: st
     path.write_text(content)
     with pytest.raises(ValueError, match=needle):
         load_rows(path)
+
+
+def test_unlabelled_text_for_adaptation(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"hello world\n\nsecond \xe4\xf3\xecline\xe4\xf3\x9d\n")
+    (tmp_path / "a.csv").write_text("Text,label\nfoo bar,x\n")
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"other": 1}\n')
+    assert read_unlabelled(tmp_path / "a.txt") == ["hello world", "second \u201cline\u201d"]
+    assert read_unlabelled(tmp_path / "a.csv") == ["foo bar"]
+    assert read_unlabelled(tmp_path / "a.jsonl") == ["one"]
+    (tmp_path / "b.csv").write_text("body\nx\n")
+    with pytest.raises(ValueError, match="needs a 'text' column"):
+        read_unlabelled(tmp_path / "b.csv")
 
 
 def test_label_order_and_stratified_split() -> None:

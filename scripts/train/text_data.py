@@ -18,7 +18,6 @@ import csv
 import hashlib
 import html
 import importlib.util
-import io
 import json
 import random
 import re
@@ -420,37 +419,26 @@ def load_text_dataset(
 
 
 def read_unlabelled(path: Path, limit: int | None = None) -> list[str]:
-    """Texts for masked-LM adaptation: a .txt file (one per line) or a CSV/JSONL `text` column."""
+    """Cleaned texts for masked-LM adaptation: a .txt file (one per line) or the `text` of a CSV/JSONL."""
     path = Path(path)
-    out: list[str] = []
-    if path.suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".json"):
-        with open(path, "rb") as f:
-            head = f.read(1 << 16)
-        if path.suffix.lower() in (".csv", ".tsv"):
-            reader = csv.DictReader(io.StringIO(head.decode("latin-1")))
-            if TEXT_COLUMN not in [c.strip().lower() for c in reader.fieldnames or []]:
-                raise ValueError(f"{path}: needs a {TEXT_COLUMN!r} column")
-            with open(path, encoding="latin-1", newline="") as f:
-                for rec in csv.DictReader(f):
-                    rec = {k.strip().lower(): v for k, v in rec.items() if k}
-                    out.append(rec.get(TEXT_COLUMN) or "")
-                    if limit and len(out) >= limit:
-                        break
-            raws: list[bytes | str] = [t.encode("latin-1") for t in out]
-        else:
-            raws = []
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                for line in f:
-                    if line.strip():
-                        obj = json.loads(line)
-                        if isinstance(obj, dict) and isinstance(obj.get(TEXT_COLUMN), str):
-                            raws.append(obj[TEXT_COLUMN])
-                    if limit and len(raws) >= limit:
-                        break
+    suffix = path.suffix.lower()
+    raws: list[bytes] = []
+    if suffix in (".csv", ".tsv"):
+        with open(path, encoding="latin-1", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            reader.fieldnames = [c.strip().lower() for c in reader.fieldnames or []]
+            if TEXT_COLUMN not in reader.fieldnames:
+                raise ValueError(f"{path}: needs a {TEXT_COLUMN!r} column; found {reader.fieldnames}")
+            raws = [(rec.get(TEXT_COLUMN) or "").encode("latin-1") for rec in reader]
+    elif suffix in (".jsonl", ".ndjson", ".json"):
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                obj = json.loads(line) if line.strip() else None
+                if isinstance(obj, dict) and isinstance(obj.get(TEXT_COLUMN), str):
+                    raws.append(obj[TEXT_COLUMN].encode("utf-8", "surrogateescape"))
     else:
         with open(path, "rb") as f:
             raws = [line.rstrip(b"\r\n") for line in f]
-            if limit:
-                raws = raws[:limit]
-    cleaned = [clean_text(r)[0] for r in raws]
-    return [t for t in cleaned if t]
+    cleaned = (clean_text(r)[0] for r in raws)
+    texts = [t for t in cleaned if t]
+    return texts[:limit] if limit else texts

@@ -542,7 +542,7 @@ def _run(
                 f"label agreement with fp32 {agree:.4f}; throughput at batch 32: fp32 "
                 f"{speed['fp32_texts_per_s']:.0f} vs int8 {speed['int8_texts_per_s']:.0f} texts/s "
                 f"(median of {speed['repeats']} passes over {speed['texts']} test texts, "
-                f"{speed['threads']} thread(s), {threads} cores possibly shared with other jobs). "
+                f"{speed['threads']} ORT thread(s), on a machine possibly shared with other jobs). "
                 "Dynamic quantization picks activation scales per batch, so a text's int8 logits depend on its "
                 f"batch-mates: up to {drift:.3g} apart alone vs in a batch of 32 (fp32: ~1e-6)"
             ),

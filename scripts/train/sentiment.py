@@ -281,8 +281,9 @@ def adapt_mlm(source: str, texts: list[str], tok: TextTokenizer, cfg: dict[str, 
     """Continue masked-LM pretraining on unlabelled in-domain text; saves the encoder to out_dir.
 
     BERT masking: 15% of real tokens are chosen; 80% of those become [MASK], 10% a random token,
-    10% stay. The MLM head loads from the checkpoint where it ships (it does not in the packaged
-    sentence-transformers MiniLM: there it starts random and the short budget mostly trains it).
+    10% stay. The MLM head loads from the checkpoint where it ships; it does not in the packaged
+    sentence-transformers MiniLM, where it starts random: the first `adapt_head_steps` steps then
+    train the head alone (the encoder and the tied word embeddings stay fixed).
     """
     from transformers import AutoModelForMaskedLM
 
@@ -298,9 +299,14 @@ def adapt_mlm(source: str, texts: list[str], tok: TextTokenizer, cfg: dict[str, 
     bs = cfg["batch_size"]
     batches = length_batches(data.lengths, bs, rng, shuffle=True)[: cfg["adapt_steps"]]
     head = getattr(mlm, "cls", None)  # BERT-family masked-LM head
+    encoder_params = list(mlm.base_model.parameters())
+    head_steps = cfg["adapt_head_steps"]
     mlm.train()
     losses = []
-    for idx in progress(batches, "masked-LM adaptation", total=len(batches), unit="step"):
+    for step, idx in enumerate(progress(batches, "masked-LM adaptation", total=len(batches), unit="step")):
+        # A head that starts random sends noise into the encoder: train it alone first.
+        for p in encoder_params:
+            p.requires_grad_(step >= head_steps)
         ids, mask = data.batch(idx)
         labels = ids.clone()
         candidates = mask.bool() & ~torch.isin(ids, torch.tensor(sorted(special)))
@@ -327,6 +333,7 @@ def adapt_mlm(source: str, texts: list[str], tok: TextTokenizer, cfg: dict[str, 
     k = max(1, len(losses) // 10)
     return {
         "steps": len(losses),
+        "head_only_steps": min(head_steps, len(losses)),
         "texts": len(texts),
         "mlm_loss_first": round(float(np.mean(losses[:k])), 4) if losses else None,
         "mlm_loss_last": round(float(np.mean(losses[-k:])), 4) if losses else None,
@@ -453,7 +460,8 @@ def _run(
         finally:
             shutil.rmtree(adapted_dir, ignore_errors=True)
         notes.append(
-            f"masked-LM adaptation before fine-tuning: {adaptation['steps']} steps on {adaptation['texts']} "
+            f"masked-LM adaptation before fine-tuning: {adaptation['steps']} steps "
+            f"({adaptation['head_only_steps']} training the MLM head alone) on {adaptation['texts']} "
             f"unlabelled texts ({args.adapt_on}), MLM loss {adaptation['mlm_loss_first']} -> "
             f"{adaptation['mlm_loss_last']}, {adaptation['seconds']} s"
         )

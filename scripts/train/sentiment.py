@@ -295,7 +295,16 @@ def adapt_mlm(source: str, texts: list[str], tok: TextTokenizer, cfg: dict[str, 
     rng = random.Random(cfg["seed"])
     gen = torch.Generator().manual_seed(cfg["seed"])
     data = EncodedSplit(TextSplit(texts, [0] * len(texts)), tok)
-    opt = torch.optim.AdamW([p for p in mlm.parameters() if p.requires_grad], lr=cfg["adapt_lr"], weight_decay=0.01)
+    base_ids = {id(p) for p in mlm.base_model.parameters()}
+    head_params = [p for p in mlm.parameters() if id(p) not in base_ids]
+    # The head (random in sentence-transformers checkpoints) learns 20x faster than the encoder.
+    opt = torch.optim.AdamW(
+        [
+            {"params": head_params, "lr": cfg["adapt_lr"] * 20},
+            {"params": list(mlm.base_model.parameters()), "lr": cfg["adapt_lr"]},
+        ],
+        weight_decay=0.01,
+    )
     bs = cfg["batch_size"]
     batches = length_batches(data.lengths, bs, rng, shuffle=True)[: cfg["adapt_steps"]]
     head = getattr(mlm, "cls", None)  # BERT-family masked-LM head

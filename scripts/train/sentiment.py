@@ -581,7 +581,7 @@ def _run(
             report.confusion,
             data.labels,
             staging.path("confusion_matrix.png"),
-            f"{data.name} test: accuracy {report.accuracy:.4f}, macro-F1 {report.macro_f1:.4f}",
+            f"test: acc {report.accuracy:.3f}, macro-F1 {report.macro_f1:.3f}",
         ).name,
         plot_history(history, staging.path("learning_curve.png"), "fine-tuning").name,
     ]

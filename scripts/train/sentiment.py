@@ -403,17 +403,20 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
     threads = configure_threads()
     set_seed(cfg["seed"])
     with timed("load data") as t_data:
-        data = load_text_dataset(
-            Path(args.data) if args.data else None,
-            seed=cfg["seed"],
-            val_fraction=cfg["val_fraction"],
-            test_fraction=cfg["test_fraction"],
-            irreparable=cfg["irreparable"],
-            min_confidence=cfg["min_confidence"],
-            train_limit=cfg["train_limit"],
-            val_limit=cfg["val_limit"],
-            test_limit=cfg["test_limit"],
-        )
+        try:
+            data = load_text_dataset(
+                Path(args.data) if args.data else None,
+                seed=cfg["seed"],
+                val_fraction=cfg["val_fraction"],
+                test_fraction=cfg["test_fraction"],
+                irreparable=cfg["irreparable"],
+                min_confidence=cfg["min_confidence"],
+                train_limit=cfg["train_limit"],
+                val_limit=cfg["val_limit"],
+                test_limit=cfg["test_limit"],
+            )
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"sentiment data: {e}") from e
     for note in data.notes:
         log(note)
     log(
@@ -455,7 +458,12 @@ def _run(
     encoder_source = backbone.source
     adaptation: dict[str, Any] | None = None
     if getattr(args, "adapt_on", None):
-        texts = read_unlabelled(Path(args.adapt_on), limit=cfg["adapt_texts"])
+        try:
+            texts = read_unlabelled(Path(args.adapt_on), limit=cfg["adapt_texts"])
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--adapt-on: {e}") from e
+        if not texts:
+            raise SystemExit(f"--adapt-on: {args.adapt_on} holds no text")
         log(f"masked-LM adaptation on {len(texts)} texts from {args.adapt_on}, {cfg['adapt_steps']} steps")
         adapted_dir = staging.folder.parent / f".adapted-{staging.version}"
         try:

@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="skip the linear-probe baseline measurement")
     p.add_argument("--checkpoint-dir", help="save resumable training state here after every epoch")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir's last epoch")
+    p.add_argument(
+        "--adapt-on",
+        metavar="FILE",
+        help="text: continue masked-LM pretraining on unlabelled in-domain text (.txt lines, CSV/JSONL `text`) "
+        "before fine-tuning",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="the small, fast recipe (tests and demos)")
     p.add_argument("--recipe", help="recipe name (default: 'quick' with --quick, else 'default')")
@@ -94,6 +100,10 @@ def resolve_config(args: argparse.Namespace) -> dict:
             if key not in cfg:
                 raise SystemExit(f"--{key.replace('_', '-')} does not apply to {args.task}")
             cfg[key] = value
+    if getattr(args, "adapt_on", None) and args.task != "sentiment":
+        raise SystemExit("--adapt-on applies to sentiment only")
+    if args.checkpoint_dir and args.task != "image-classification":
+        raise SystemExit("--checkpoint-dir/--resume apply to image-classification only")
     if args.resume and not args.checkpoint_dir:
         raise SystemExit("--resume needs --checkpoint-dir")
     cfg["checkpoint_dir"] = args.checkpoint_dir
@@ -108,6 +118,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
 # task -> module under scripts.train with `run(args, cfg) -> Path`
 JOBS = {
     "image-classification": "scripts.train.image_classification",
+    "sentiment": "scripts.train.sentiment",
 }
 
 

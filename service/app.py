@@ -22,8 +22,16 @@ from models.errors import InvalidInput
 from .batching import QueueFull
 from .middleware import BodySizeLimit, RequestId
 from .reload import Reloader
-from .schemas import ClassifyResponse, ErrorResponse, ModelsResponse, ReloadResponse
+from .schemas import (
+    ClassifyResponse,
+    ErrorResponse,
+    ModelsResponse,
+    ReloadResponse,
+    SentimentRequest,
+    SentimentResponse,
+)
 from .state import Pool, get_pool, get_reloader
+from .tasks.sentiment import parse_sentiment_body
 from .v2 import router as v2_router
 
 log = logging.getLogger("graft.http")
@@ -99,6 +107,25 @@ async def classify(
     data = await image.read()
     predictions = await served.predict(data, top_k)
     return {"model": served.ref(), "predictions": predictions}
+
+
+@app.post(
+    "/sentiment",
+    response_model=SentimentResponse,
+    responses=ERRORS,
+    tags=["inference"],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": SentimentRequest.model_json_schema()}},
+        }
+    },
+)
+async def sentiment(request: Request, pool: Pool) -> dict:
+    """Sentiment of each text: the top label, its probability, and every label's probability."""
+    texts, model = parse_sentiment_body(await request.body(), pool.settings)
+    served = pool.get("sentiment", model)
+    return {"model": served.ref(), "results": await served.predict(texts)}
 
 
 app.include_router(v2_router)

@@ -22,6 +22,25 @@ class ClassifyResponse(BaseModel):
     predictions: list[LabelScore]
 
 
+class SentimentRequest(BaseModel):
+    """Documents the body of POST /sentiment (the route parses it itself, for precise errors)."""
+
+    model_config = {"extra": "forbid"}
+    texts: list[str] = Field(min_length=1, description="texts to score; limits: GRAFT_MAX_TEXTS, GRAFT_MAX_TEXT_CHARS")
+    model: str | None = Field(default=None, max_length=64, description="model name; default: the task's model")
+
+
+class SentimentResult(BaseModel):
+    label: str = Field(description="the most probable label")
+    score: float = Field(ge=0, le=1, description="its probability")
+    scores: dict[str, float] = Field(description="probability of every label of the model")
+
+
+class SentimentResponse(BaseModel):
+    model: ModelRef
+    results: list[SentimentResult] = Field(description="one result per text, in request order")
+
+
 class ErrorResponse(BaseModel):
     error: str = Field(description="what was wrong with the request, in words")
     detail: Any | None = None

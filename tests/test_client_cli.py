@@ -41,3 +41,15 @@ def test_predict_cli_prints_a_readable_answer(server, fashion_test, tmp_path: Pa
     bad.write_bytes(b"not a png")
     assert predict([str(bad), "--url", server.url]) == 1
     assert "HTTP 415" in capsys.readouterr().err
+
+
+def test_client_and_cli_sentiment(server, capsys) -> None:
+    with GraftClient(server.url) as g:
+        body = g.sentiment(["what a lovely flight", "worst airline ever"])
+        assert body["model"]["name"] == "sentiment" and len(body["results"]) == 2
+        with pytest.raises(GraftError) as e:
+            g.sentiment([])
+        assert e.value.status == 400
+    assert predict(["what a lovely flight", "--url", server.url]) == 0
+    out = capsys.readouterr().out
+    assert "[sentiment " in out and "what a lovely flight" in out

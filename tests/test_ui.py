@@ -65,3 +65,23 @@ def test_upload_an_image_and_see_its_classes(browser, server, fashion_test, tmp_
     assert expected["predictions"][0]["label"] in results.splitlines()[1]
     assert f"answered by image-classification {expected['model']['version']}" in results
     assert browser.find_element(By.ID, "canvas").is_displayed()
+
+
+def test_type_text_and_see_its_sentiment(browser, server) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    text = "The crew was wonderful and the flight was early"
+    expected = httpx.post(server.url + "/sentiment", json={"texts": [text]}).json()
+    browser.get(server.url + "/ui")
+    wait = WebDriverWait(browser, 30)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "models"), "sentiment:"))
+    box = browser.find_element(By.ID, "text-input")
+    box.clear()
+    box.send_keys(text)
+    browser.find_element(By.ID, "sentiment-button").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "sentiment-results"), "answered by"))
+    results = browser.find_element(By.ID, "sentiment-results").text
+    assert text in results and expected["results"][0]["label"] in results
+    assert f"answered by sentiment {expected['model']['version']}" in results

@@ -103,3 +103,19 @@ def test_errors_are_clear(client, server) -> None:
         json={"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["not an image"]}]},
     )
     assert r.status_code == 415 and "error" in r.json()
+
+
+def test_sentiment_bytes_texts_match_the_rest_endpoint(client, server) -> None:
+    texts = ["The crew was lovely and we landed early", "Lost my bag again, thanks for nothing"]
+    meta = client.get_model_metadata("sentiment")
+    assert meta["parameters"]["bytes_input"] == "text"
+    assert {i["name"] for i in meta["inputs"]} >= {"input_ids", "attention_mask"}
+    inp = triton.InferInput("text", [2], "BYTES")
+    inp.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=np.object_))
+    logits = client.infer("sentiment", [inp]).as_numpy("logits")
+    rest = httpx.post(server.url + "/sentiment", json={"texts": texts}).json()
+    labels = meta["parameters"]["labels"]
+    for row, r in zip(logits, rest["results"], strict=True):
+        assert labels[int(row.argmax())] == r["label"]
+        probs = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+        assert abs(float(probs.max()) - r["score"]) < 1e-4

@@ -1,3 +1,6 @@
 """Task-specific serving logic; importing this package registers every task."""
 
-from . import image_classification  # noqa: F401
+from . import (
+    image_classification,  # noqa: F401
+    sentiment,  # noqa: F401
+)

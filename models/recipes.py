@@ -41,6 +41,43 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
             "patience": 2,
         },
     },
+    "object-detection": {
+        # Generated scenes (scripts/make_detection_data.py); see scripts/train/detection.py.
+        "default": {
+            "image_size": 320,
+            "strategy": "partial",
+            "trainable_blocks": 4,
+            "epochs": 24,
+            "batch_size": 32,
+            "lr": 5e-4,
+            "head_lr": 3e-3,
+            "weight_decay": 1e-4,
+            "neck_width": 64,
+            "tower_depth": 2,
+            "nms_iou": 0.5,
+            "patience": 6,
+            "train_limit": None,
+            "parity_images": 64,
+            "demo_data": {"train": 2000, "val": 300, "test": 300, "seed": 0},
+        },
+        "quick": {
+            "image_size": 320,
+            "strategy": "partial",
+            "trainable_blocks": 4,
+            "epochs": 8,
+            "batch_size": 32,
+            "lr": 5e-4,
+            "head_lr": 3e-3,
+            "weight_decay": 1e-4,
+            "neck_width": 64,
+            "tower_depth": 2,
+            "nms_iou": 0.5,
+            "patience": 4,
+            "train_limit": None,
+            "parity_images": 32,
+            "demo_data": {"train": 600, "val": 100, "test": 300, "seed": 0},
+        },
+    },
 }
 
 

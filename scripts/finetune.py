@@ -92,6 +92,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
 # task -> module under scripts.train with `run(args, cfg) -> Path`
 JOBS = {
     "image-classification": "scripts.train.image_classification",
+    "object-detection": "scripts.train.detection",
 }
 
 

@@ -1,3 +1,3 @@
 """Task-specific serving logic; importing this package registers every task."""
 
-from . import image_classification  # noqa: F401
+from . import detection, image_classification  # noqa: F401

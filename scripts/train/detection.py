@@ -505,7 +505,10 @@ def draw_predictions(
         for b, s, c in zip(d.boxes, d.scores, d.classes, strict=True):
             colour = palette[int(c) % len(palette)]
             draw.rectangle([float(v) for v in b], outline=colour, width=2)
-            draw.text((float(b[0]) + 2, float(b[1]) + 1), f"{labels[int(c)]} {s:.2f}", fill=colour)
+            text = f"{labels[int(c)]} {s:.2f}"
+            x, y = float(b[0]), max(0.0, float(b[1]) - 11)
+            draw.rectangle(draw.textbbox((x, y), text), fill=(0, 0, 0))
+            draw.text((x, y), text, fill=colour)
         tiles.append(img)
     cell_w, cell_h = max(t.width for t in tiles), max(t.height for t in tiles)
     cols = 3
@@ -676,6 +679,7 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
             str(staging.path(CHECKPOINT)),
             metadata={"detector": json.dumps(meta)},
         )
+        staging.path(CHECKPOINT).chmod(0o644)  # safetensors writes 0600; the registry is shared
         gh, gw = model.cfg.grid()
         locations = gh * gw
         frozen = [f"features.{i}" for i in range(cut)]

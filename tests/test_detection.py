@@ -153,6 +153,10 @@ def test_letterbox_boxes_map_back_to_original_pixels(size: tuple[int, int]) -> N
     scores = np.array([[0.9], [0.8]], np.float32)
     d = postprocess(model_boxes, scores, score_threshold=0.5, nms_iou=0.99, max_detections=5, geometry=g)
     np.testing.assert_allclose(d.boxes, original, atol=1e-3)
+    # A box reaching into the padding is clipped to the original image.
+    spill = np.array([[-50, -50, 400, 300]], np.float32)
+    d = postprocess(spill, scores[:1], score_threshold=0.5, nms_iou=0.5, max_detections=5, geometry=g)
+    np.testing.assert_allclose(d.boxes, [[0, 0, w, h]], atol=1e-3)
 
 
 # ---- the quick recipe's artifact -------------------------------------------------------------

@@ -105,7 +105,10 @@ def demo_data_root() -> Path:
 def load_data(args: Namespace, cfg: dict[str, Any]) -> DetectionDataset:
     """`--data` (COCO, see detection_data), or the generated demo dataset of the recipe."""
     if args.data:
-        return load_detection_data(Path(args.data), cfg["seed"], cfg["train_limit"])
+        try:
+            return load_detection_data(Path(args.data), cfg["seed"], cfg["train_limit"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--data {args.data}: cannot load a COCO dataset: {e}") from e
     from scripts.make_detection_data import DemoSpec, ensure_demo_data
 
     spec = DemoSpec(**cfg["demo_data"])

@@ -433,7 +433,8 @@ def build_model(
         raise SystemExit("object-detection supports --backbone mobilenet_v2 only (its taps are wired in)")
     notes: list[str] = []
     if init is None:
-        backbone = load_image_backbone(name, 1000)
+        # cfg["pretrained"] = False gives the no-transfer baseline (random-init backbone).
+        backbone = load_image_backbone(name, 1000, pretrained=cfg.get("pretrained", True))
         model = Detector(backbone.stages[:N_BLOCKS], dcfg)
         return model, backbone.info, notes
     backbone = load_image_backbone(name, 1000, pretrained=False)

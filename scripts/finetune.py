@@ -29,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=TASKS)
     p.add_argument(
         "--data",
-        help="dataset: ImageFolder dir (images), COCO json (detection), CSV/JSONL (sentiment); "
-        "default: the packaged demo data",
+        help="dataset: ImageFolder dir (images); detection: a COCO json (split 80/10/10) or a folder with "
+        "train.json [val.json, test.json], file_name relative to the json, images/ or images/<split>/; "
+        "CSV/JSONL (sentiment); default: the packaged (or generated) demo data",
     )
     p.add_argument(
         "--backbone",
@@ -119,6 +120,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
 JOBS = {
     "image-classification": "scripts.train.image_classification",
     "sentiment": "scripts.train.sentiment",
+    "object-detection": "scripts.train.detection",
 }
 
 

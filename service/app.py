@@ -24,6 +24,7 @@ from .middleware import BodySizeLimit, RequestId
 from .reload import Reloader
 from .schemas import (
     ClassifyResponse,
+    DetectResponse,
     ErrorResponse,
     ModelsResponse,
     ReloadResponse,
@@ -107,6 +108,23 @@ async def classify(
     data = await image.read()
     predictions = await served.predict(data, top_k)
     return {"model": served.ref(), "predictions": predictions}
+
+
+@app.post("/detect", response_model=DetectResponse, responses=ERRORS, tags=["inference"])
+async def detect(
+    pool: Pool,
+    image: Annotated[UploadFile, File(description="the image: JPEG, PNG, WebP, BMP or GIF (first frame)")],
+    score_threshold: Annotated[
+        float | None, Form(ge=0, le=1, description="minimum score; default: the model's (manifest)")
+    ] = None,
+    max_detections: Annotated[int | None, Form(ge=1, le=1000, description="most boxes to return")] = None,
+    model: Annotated[str | None, Form(max_length=64, description="model name; default: the task's model")] = None,
+) -> dict:
+    """Find objects in one image: labels, scores and boxes in the uploaded image's pixels."""
+    served = pool.get("object-detection", model)
+    data = await image.read()
+    result = await served.predict(data, score_threshold, max_detections)
+    return {"model": served.ref(), **result}
 
 
 @app.post(

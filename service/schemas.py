@@ -41,6 +41,19 @@ class SentimentResponse(BaseModel):
     results: list[SentimentResult] = Field(description="one result per text, in request order")
 
 
+class Detection(BaseModel):
+    label: str
+    score: float = Field(ge=0, le=1)
+    box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 in the uploaded image's pixels")
+
+
+class DetectResponse(BaseModel):
+    model: ModelRef
+    width: int = Field(description="the uploaded image's width in pixels (after EXIF rotation)")
+    height: int = Field(description="the uploaded image's height in pixels (after EXIF rotation)")
+    detections: list[Detection]
+
+
 class ErrorResponse(BaseModel):
     error: str = Field(description="what was wrong with the request, in words")
     detail: Any | None = None

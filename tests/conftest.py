@@ -54,6 +54,11 @@ def sentiment_artifact(registry: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def detection_artifact(registry: Path) -> Path:
+    return _build(registry, "object-detection")
+
+
+@pytest.fixture(scope="session")
 def fashion_test() -> tuple[np.ndarray, np.ndarray]:
     """The official Fashion-MNIST test split (10,000 images, labels)."""
     x = np.frombuffer(gzip.open(FASHION / "t10k-images-idx3-ubyte.gz").read(), np.uint8, offset=16)
@@ -80,7 +85,9 @@ def copy_artifact(tmp_path: Path):
 
 
 @pytest.fixture(scope="session")
-def server(registry: Path, image_artifact: Path, sentiment_artifact: Path) -> Iterator[object]:
+def server(
+    registry: Path, image_artifact: Path, sentiment_artifact: Path, detection_artifact: Path
+) -> Iterator[object]:
     """One real `bentoml serve` over the session registry, shared by read-only HTTP tests."""
     from scripts.server_process import BentoServer
 

@@ -1,0 +1,98 @@
+"""Serving logic for object detection: bytes -> letterboxed tensor -> batched ONNX run -> boxes.
+
+The graph returns dense boxes and scores for every location (see scripts/train/detector.py);
+`models.detection.postprocess` thresholds, runs NMS and maps the boxes back to the uploaded
+image's pixels with the `Geometry` the preprocessor recorded, so a box is right whatever the
+image's size and aspect.
+
+Uploads are decoded at full size (no JPEG draft mode): draft decoding shrinks a big JPEG by
+1/2, 1/4 or 1/8 before we see it, and boxes must come back in the original's pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from models.detection import Detections, postprocess
+from models.errors import ArtifactError
+from models.manifest import DetectionPostprocessing, ImagePreprocessing
+from models.preprocess import DecodeLimits, Geometry, ImagePreprocessor, decode_image
+
+from ..served import ServedModel, register_task
+
+
+@register_task
+class ObjectDetector(ServedModel):
+    task = "object-detection"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        spec = self.manifest.preprocessing
+        post = self.manifest.postprocessing
+        assert isinstance(spec, ImagePreprocessing) and isinstance(post, DetectionPostprocessing)
+        if post.nms_in_graph:
+            raise ArtifactError(f"{self.artifact.path}: graphs with NMS inside are not supported by this service")
+        self.preprocessor = ImagePreprocessor(spec)
+        self.post = post
+        self.limits = DecodeLimits(max_pixels=self.settings.max_image_pixels)
+        self.labels = self.manifest.labels
+        names = {o.name for o in self.manifest.outputs}
+        if not {"boxes", "scores"} <= names:
+            raise ArtifactError(f"{self.artifact.path}: outputs {sorted(names)} lack 'boxes' and 'scores'")
+
+    def prepare(self, data: bytes) -> tuple[np.ndarray, Geometry]:
+        """Untrusted bytes to the model's input tensor and the geometry that undoes the letterbox."""
+        return self.preprocessor(decode_image(data, self.limits))
+
+    def run_batch(self, items: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        batch = np.stack(items) if len(items) > 1 else items[0][None]
+        boxes, scores = self.session.run(["boxes", "scores"], {self.input_names[0]: batch})
+        return list(zip(boxes, scores, strict=True))
+
+    def bytes_to_feeds(self, items: list[bytes]) -> dict[str, np.ndarray]:
+        """v2 BYTES input: letterboxed tensors; raw outputs are then in the model input's pixels."""
+        return {self.input_names[0]: np.stack([self.prepare(d)[0] for d in items])}
+
+    def detections(
+        self,
+        outputs: tuple[np.ndarray, np.ndarray],
+        geometry: Geometry,
+        score_threshold: float | None = None,
+        max_detections: int | None = None,
+    ) -> Detections:
+        boxes, scores = outputs
+        return postprocess(
+            boxes,
+            scores,
+            score_threshold=self.post.score_threshold if score_threshold is None else score_threshold,
+            nms_iou=self.post.nms_iou,
+            max_detections=self.post.max_detections if max_detections is None else max_detections,
+            geometry=geometry,
+        )
+
+    def warmup_outputs(self) -> np.ndarray:
+        data = self.artifact.file(self.manifest.warmup.file).read_bytes()  # type: ignore[union-attr]
+        tensor, geometry = self.prepare(data)
+        rows = self.detections(self.run_batch([tensor])[0], geometry).as_rows()
+        return rows if len(rows) else np.zeros((0,), dtype=np.float32)
+
+    async def predict(
+        self, data: bytes, score_threshold: float | None = None, max_detections: int | None = None
+    ) -> dict[str, Any]:
+        """Detections for one encoded image, boxes in its own pixels (decoded off the event loop)."""
+        loop = asyncio.get_running_loop()
+        tensor, geometry = await loop.run_in_executor(self.cpu_executor, self.prepare, data)
+        outputs = await self.batcher.submit(tensor)
+        # NMS over up to 1,000 candidates (threshold 0) takes milliseconds: keep it off the loop.
+        dets = await loop.run_in_executor(
+            self.cpu_executor, self.detections, outputs, geometry, score_threshold, max_detections
+        )
+        return {
+            "width": geometry.orig_width,
+            "height": geometry.orig_height,
+            "detections": dets.to_json(self.labels),
+        }

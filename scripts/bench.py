@@ -28,7 +28,6 @@ import numpy as np
 from PIL import Image
 
 from models.artifact import load_artifact
-from models.preprocess import ImagePreprocessor
 from scripts.registry import served_version
 from scripts.server_process import REPO, BentoServer, free_port
 
@@ -105,44 +104,50 @@ def wrk(url: str, body: bytes, content_type: str, concurrency: int, duration: fl
     }
 
 
-def ceiling(artifact_dir: Path, jpeg: bytes, threads: int, seconds: float = 3.0) -> dict[str, Any]:
-    """Raw in-process ONNX Runtime: model-only at each batch size, and decode+preprocess+model."""
-    from service.runtime import create_session
+def ceiling(task: str, artifact_dir: Path, payload: bytes, threads: int, seconds: float = 3.0) -> dict[str, Any]:
+    """Raw in-process ONNX Runtime, no HTTP: model-only at each batch size, then payload bytes ->
+    the service's own preprocessing (`bytes_to_feeds`) -> one ORT run per batch, single-threaded
+    Python like a hand-written script. Built from the service's task class, so the work per
+    request is exactly what the server does minus HTTP, batching and (for detection) NMS."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
 
-    art = load_artifact(artifact_dir)
-    pre = ImagePreprocessor(art.manifest.preprocessing)
-    sess = create_session(art.model_path, threads=threads)
-    name = sess.get_inputs()[0].name
-    x1, _ = pre.from_bytes(jpeg)
+    import service.tasks  # noqa: F401 (registers the task classes)
+    from service.config import Settings
+    from service.served import TASKS
+
+    settings = dataclasses.replace(Settings.from_env(), ort_threads=threads)
+    pool = ThreadPoolExecutor(1)
+    model = TASKS[task](load_artifact(artifact_dir), settings, infer_executor=pool, cpu_executor=pool)
+    feeds1 = model.bytes_to_feeds([payload])
     model_only = {}
     for bs in (1, 4, 16, 32, 64):
-        batch = np.repeat(x1[None], bs, axis=0)
-        sess.run(None, {name: batch})
+        batch = {k: np.repeat(v, bs, axis=0) for k, v in feeds1.items()}
+        model.run_feeds(batch)
         runs, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / 2:
-            sess.run(None, {name: batch})
+            model.run_feeds(batch)
             runs += 1
         model_only[bs] = round(runs * bs / (time.perf_counter() - start), 1)
     best_bs = max(model_only, key=model_only.get)
-    # End to end in one process: decode + preprocess every image, one ORT run per best batch.
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        batch = np.stack([pre.from_bytes(jpeg)[0] for _ in range(best_bs)])
-        sess.run(None, {name: batch})
+        model.run_feeds(model.bytes_to_feeds([payload] * best_bs))
         n += best_bs
     e2e = n / (time.perf_counter() - start)
     lat = []
-    for _ in range(200):
+    for _ in range(100 if task == "object-detection" else 200):
         t0 = time.perf_counter()
-        sess.run(None, {name: pre.from_bytes(jpeg)[0][None]})
+        model.run_feeds(model.bytes_to_feeds([payload]))
         lat.append((time.perf_counter() - t0) * 1000)
+    pool.shutdown()
     return {
         "model_only_ips": model_only,
         "best_batch": best_bs,
         "model_only_best_ips": model_only[best_bs],
         "end_to_end_ips": round(e2e, 1),
-        "single_image_p50_ms": round(statistics.median(lat), 2),
-        "single_image_p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "single_p50_ms": round(statistics.median(lat), 2),
+        "single_p99_ms": round(float(np.percentile(lat, 99)), 2),
     }
 
 
@@ -195,26 +200,117 @@ class Peer:
         self.proc.wait(timeout=20)
 
 
+ENDPOINTS = {  # route -> task of the model it serves
+    "classify": "image-classification",
+    "sentiment": "sentiment",
+    "detect": "object-detection",
+}
+TWEET = "the flight was delayed three hours and nobody at the gate could tell us anything, not great"
+TOKEN = "bench-admin-token"  # noqa: S105 (a loopback-only benchmark server)
+
+
+def payloads(jpeg: bytes) -> dict[str, tuple[bytes, str, bytes, str]]:
+    """route -> (HTTP body, content type, the raw payload for the ceiling, what it is)."""
+    body, ctype = multipart("image", "photo.jpg", jpeg)
+    text = json.dumps({"texts": [TWEET]}).encode()
+    img = f"640x480 JPEG, {len(jpeg):,} bytes (scikit-image astronaut)"
+    return {
+        "classify": (body, ctype, jpeg, img),
+        "detect": (body, ctype, jpeg, img),
+        "sentiment": (text, "application/json", TWEET.encode(), f"one {len(TWEET)}-character text"),
+    }
+
+
+def copy_served(src: Path, dst: Path) -> dict[str, str]:
+    """Copy each model's served version into a scratch registry (the reload run adds versions)."""
+    served = {}
+    for folder in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        version = served_version(src, folder.name)
+        if version:
+            shutil.copytree(folder / version, dst / folder.name / version)
+            served[folder.name] = version
+    return served
+
+
+def clone_version(registry: Path, name: str) -> str:
+    """Drop a copy of the served version in as a new version, atomically, as an operator would."""
+    from models.artifact import MANIFEST, new_version, write_manifest
+    from models.manifest import Manifest
+
+    src = registry / name / served_version(registry, name)
+    version = new_version()
+    tmp = registry / name / f".incoming-{version}"
+    shutil.copytree(src, tmp)
+    manifest = Manifest.model_validate_json((tmp / MANIFEST).read_text())
+    write_manifest(tmp, manifest.model_copy(update={"version": version}))
+    os.replace(tmp, registry / name / version)
+    return version
+
+
+def reload_run(srv: BentoServer, registry: Path, body: bytes, ctype: str, duration: float) -> dict[str, Any]:
+    """p99 of /classify at concurrency 4, steady vs while new versions are swapped in every 2 s."""
+    import threading
+
+    import httpx
+
+    steady = wrk(srv.url + "/classify", body, ctype, 4, duration)
+    stop = threading.Event()
+    outcomes: list[str] = []
+
+    def swapper() -> None:
+        while not stop.wait(2.0):
+            version = clone_version(registry, "image-classification")
+            r = httpx.post(srv.url + "/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+            outcomes.append(f"{version}:{r.status_code}")
+
+    t = threading.Thread(target=swapper, daemon=True)
+    t.start()
+    during = wrk(srv.url + "/classify", body, ctype, 4, duration)
+    stop.set()
+    t.join(timeout=90)
+    served = httpx.get(srv.url + "/models", timeout=10).json()
+    entry = next(m for m in served["models"] if m["name"] == "image-classification")
+    last = outcomes[-1].split(":")[0] if outcomes else None
+    return {
+        "steady": steady,
+        "during_reload": during,
+        "reloads": len(outcomes),
+        "reloads_ok": sum(o.endswith(":200") for o in outcomes),
+        "last_version_served": entry.get("served_version") == last,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__.splitlines()[0])
     p.add_argument("--registry", default=os.environ.get("MODEL_REGISTRY") or str(REPO / "models" / "registry"))
     p.add_argument("--duration", type=float, default=10.0, help="seconds per load point")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--endpoints", nargs="+", choices=list(ENDPOINTS), default=list(ENDPOINTS))
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--no-reload", action="store_true", help="skip the p99-during-reload run")
     p.add_argument("--out", default=str(DOCS))
     args = p.parse_args(argv)
     if not shutil.which("wrk"):
         raise SystemExit("wrk is required: apt-get install -y wrk")
-    registry = Path(args.registry)
-    version = served_version(registry, "image-classification")
-    if version is None:
-        raise SystemExit(f"no image-classification model in {registry}: run `make models-quick` first")
-    art_dir = registry / "image-classification" / version
-    jpeg = photo_jpeg()
-    body, ctype = multipart("image", "photo.jpg", jpeg)
     from service.config import available_cpus
 
     cpus = available_cpus()
+    scratch = Path(tempfile.mkdtemp(prefix="graft-bench-"))
+    try:
+        served = copy_served(Path(args.registry), scratch)
+        endpoints = [e for e in args.endpoints if ENDPOINTS[e] in served]
+        if "classify" not in endpoints:
+            raise SystemExit(f"no image-classification model in {args.registry}: run `make models-quick` first")
+        results = run_all(args, scratch, served, endpoints, cpus)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    write_report(results, Path(args.out))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def run_all(args: argparse.Namespace, registry: Path, served: dict[str, str], endpoints: list[str], cpus: int) -> dict:
+    bodies = payloads(photo_jpeg())
     results: dict[str, Any] = {
         "machine": {
             "cpus": cpus,
@@ -222,124 +318,185 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(),
         },
-        "payload": f"640x480 JPEG, {len(jpeg)} bytes (scikit-image astronaut)",
-        "model": f"image-classification {version}",
         "duration_s": args.duration,
+        "models": {task: version for task, version in served.items()},
+        "endpoints": {},
     }
-    print("[bench] ceiling (in-process ONNX Runtime)...", file=sys.stderr)
-    results["ceiling"] = ceiling(art_dir, jpeg, threads=cpus)
-
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for label, env in (("graft (1 worker)", {"GRAFT_WORKERS": "1"}), ("graft (2 workers)", {"GRAFT_WORKERS": "2"})):
+    for route in endpoints:
+        task = ENDPOINTS[route]
+        print(f"[bench] ceiling for {route} (in-process ONNX Runtime)...", file=sys.stderr)
+        results["endpoints"][route] = {
+            "task": task,
+            "payload": bodies[route][3],
+            "ceiling": ceiling(task, registry / task / served[task], bodies[route][2], threads=cpus),
+            "runs": {},
+        }
+    env_base = {"GRAFT_ADMIN_TOKEN": TOKEN}
+    for label, workers in (("graft (1 worker)", "1"), ("graft (2 workers)", "2")):
         print(f"[bench] {label}...", file=sys.stderr)
-        srv = BentoServer(registry, env=env)
+        srv = BentoServer(registry, env={**env_base, "GRAFT_WORKERS": workers})
         t0 = time.perf_counter()
         srv.start()
-        cold = time.perf_counter() - t0
+        results.setdefault("cold_start_s", {})[label] = round(time.perf_counter() - t0, 2)
         try:
-            wrk(srv.url + "/classify", body, ctype, 4, 2)  # warm-up
-            points = [wrk(srv.url + "/classify", body, ctype, c, args.duration) for c in args.concurrency]
-            results.setdefault("cold_start_s", {})[label] = round(cold, 2)
+            results.setdefault("rss_mb_idle", {})[label] = worker_rss_mb(srv)
+            for route in endpoints:
+                body, ctype = bodies[route][:2]
+                wrk(srv.url + "/" + route, body, ctype, 4, 2)  # warm-up
+                results["endpoints"][route]["runs"][label] = [
+                    wrk(srv.url + "/" + route, body, ctype, c, args.duration) for c in args.concurrency
+                ]
             results.setdefault("rss_mb", {})[label] = worker_rss_mb(srv)
+            if workers == "1" and not args.no_reload:
+                print("[bench] p99 during hot reloads...", file=sys.stderr)
+                body, ctype = bodies["classify"][:2]
+                results["reload"] = reload_run(srv, registry, body, ctype, args.duration)
         finally:
             srv.stop()
-        runs[label] = points
     if not args.no_peer:
         print("[bench] naive peer (FastAPI + PyTorch eager)...", file=sys.stderr)
-        peer = Peer(art_dir)
+        peer = Peer(registry / "image-classification" / served["image-classification"])
         try:
+            body, ctype = bodies["classify"][:2]
             wrk(peer.url + "/classify", body, ctype, 4, 2)
-            runs["naive peer"] = [wrk(peer.url + "/classify", body, ctype, c, args.duration) for c in args.concurrency]
+            results["endpoints"]["classify"]["runs"]["naive peer"] = [
+                wrk(peer.url + "/classify", body, ctype, c, args.duration) for c in args.concurrency
+            ]
         finally:
             peer.stop()
-    results["runs"] = runs
-    write_report(results, Path(args.out))
-    print(json.dumps(results, indent=2))
-    return 0
+    return results
+
+
+def _at(points: list[dict[str, Any]], concurrency: int) -> dict[str, Any] | None:
+    return next((p for p in points if p["concurrency"] == concurrency), None)
 
 
 def write_report(results: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    c = results["ceiling"]
-    runs = results["runs"]
-    graft_key = max((k for k in runs if k.startswith("graft")), key=lambda k: max(p["rps"] for p in runs[k]))
+    m = results["machine"]
     lines = [
         "# Serving benchmarks",
         "",
-        "Generated by `python -m scripts.bench` in one run (all numbers side by side on the same machine).",
-        f"Machine: {results['machine']['cpus']} CPUs, {results['machine']['processor']}, "
-        f"Python {results['machine']['python']}. Model: {results['model']}. Payload: {results['payload']}.",
-        f"Load: `wrk -t1 -cN -d{results['duration_s']:g}s` (closed loop) on loopback; the client shares the CPUs.",
+        "Generated by `python -m scripts.bench` in one run: every number below was measured side by side",
+        f"on the same machine. Machine: {m['cpus']} CPUs, {m['processor']}, Python {m['python']}.",
+        "Models: " + ", ".join(f"{t} `{v}`" for t, v in results["models"].items()) + ".",
+        f"Load: `wrk -t1 -cN -d{results['duration_s']:g}s` (closed loop) on loopback; the load generator "
+        "shares the CPUs with the server.",
         "",
-        "## Ceiling: raw ONNX Runtime in-process",
+        "The ceiling is raw ONNX Runtime in the benchmark's own process with the service's session options:",
+        "*model only* feeds a ready tensor; *end to end* turns the payload into tensors with the service's",
+        "preprocessing (decode, resize, tokenise) and runs one ORT call per batch, no HTTP.",
         "",
-        "| batch | " + " | ".join(str(b) for b in c["model_only_ips"]) + " |",
-        "|---" * (len(c["model_only_ips"]) + 1) + "|",
-        "| model only, img/s | " + " | ".join(f"{v:,.0f}" for v in c["model_only_ips"].values()) + " |",
+        "## Summary",
         "",
-        f"Decode + preprocess + model at batch {c['best_batch']}: **{c['end_to_end_ips']:,.0f} img/s** "
-        f"(the end-to-end ceiling). One image, batch 1: p50 {c['single_image_p50_ms']} ms, "
-        f"p99 {c['single_image_p99_ms']} ms.",
-        "",
-        "## /classify over HTTP",
-        "",
-        "| server | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors |",
+        "| endpoint | best graft req/s (c=16) | ceiling end to end | ratio | p99 c=1 | raw single p50 | overhead |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for label, points in runs.items():
-        for pt in points:
+    best_label: dict[str, str] = {}
+    for route, e in results["endpoints"].items():
+        c = e["ceiling"]
+        graft_runs = {k: v for k, v in e["runs"].items() if k.startswith("graft")}
+        label = max(graft_runs, key=lambda k: _at(graft_runs[k], 16)["rps"] if _at(graft_runs[k], 16) else 0)
+        best_label[route] = label
+        g16 = _at(graft_runs[label], 16)
+        g1 = _at(graft_runs["graft (1 worker)"], 1)
+        if g16 and g1:
             lines.append(
-                f"| {label} | {pt['concurrency']} | {pt['rps']:,.1f} | {pt['p50_ms']:.1f} | "
-                f"{pt['p95_ms']:.1f} | {pt['p99_ms']:.1f} | {pt['errors']} |"
+                f"| /{route} | {g16['rps']:,.1f} ({label[7:-1]}) | {c['end_to_end_ips']:,.1f} | "
+                f"**{g16['rps'] / c['end_to_end_ips']:.2f}x** | {g1['p99_ms']:.1f} ms | {c['single_p50_ms']} ms | "
+                f"+{g1['p99_ms'] - c['single_p50_ms']:.1f} ms |"
             )
-    g16 = next((p for p in runs[graft_key] if p["concurrency"] == 16), None)
-    n16 = next((p for p in runs.get("naive peer", []) if p["concurrency"] == 16), None)
-    g1 = next((p for p in runs[graft_key] if p["concurrency"] == 1), None)
-    lines += ["", "## Ratios", ""]
-    if g16:
-        lines.append(
-            f"- {graft_key} at concurrency 16 / end-to-end ceiling: "
-            f"**{g16['rps'] / c['end_to_end_ips']:.2f}x**; / model-only ceiling: "
-            f"{g16['rps'] / c['model_only_best_ips']:.2f}x"
-        )
-    if g16 and n16:
-        lines.append(f"- {graft_key} / naive peer at concurrency 16: **{g16['rps'] / n16['rps']:.1f}x**")
-    if g1:
-        lines.append(
-            f"- p99 at concurrency 1: {g1['p99_ms']:.1f} ms vs raw single-image p50 "
-            f"{c['single_image_p50_ms']} ms (+{g1['p99_ms'] - c['single_image_p50_ms']:.1f} ms)"
-        )
+    cls = results["endpoints"].get("classify", {})
+    n16 = _at(cls.get("runs", {}).get("naive peer", []), 16)
+    if n16:
+        g16 = _at(cls["runs"][best_label["classify"]], 16)
+        lines += [
+            "",
+            f"/classify against the naive peer (FastAPI + PyTorch eager, one image per forward, same weights) "
+            f"at concurrency 16: **{g16['rps'] / n16['rps']:.1f}x** ({g16['rps']:,.1f} vs {n16['rps']:,.1f} req/s).",
+        ]
     lines += [
         "",
-        "Worker RSS after the run: " + ", ".join(f"{k} {v} MB" for k, v in results["rss_mb"].items()),
-        "Cold start (`bentoml serve` to /readyz 200): "
-        + ", ".join(f"{k} {v} s" for k, v in results["cold_start_s"].items()),
-        "",
-        "![bench](bench.png)",
+        "Worker RSS (all models loaded; idle after start -> after the load runs): "
+        + ", ".join(f"{k} {results['rss_mb_idle'][k]} -> {v} MB" for k, v in results["rss_mb"].items())
+        + ". Cold start (`bentoml serve` to `/readyz` 200, all models loaded and warmed up): "
+        + ", ".join(f"{k} {v} s" for k, v in results["cold_start_s"].items())
+        + ".",
     ]
+    r = results.get("reload")
+    if r:
+        s, d = r["steady"], r["during_reload"]
+        lines += [
+            "",
+            "## p99 during hot reloads",
+            "",
+            f"/classify at concurrency 4 on 1 worker, {results['duration_s']:g} s steady, "
+            f"then {results['duration_s']:g} s "
+            f"while a new version is dropped into the registry and `POST /admin/reload` swaps it in every 2 s "
+            f"({r['reloads_ok']}/{r['reloads']} reloads answered 200; the last version served afterwards: "
+            f"{r['last_version_served']}).",
+            "",
+            "| phase | req/s | p50 ms | p99 ms | errors |",
+            "| --- | --- | --- | --- | --- |",
+            f"| steady | {s['rps']:,.1f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['errors']} |",
+            f"| reloading | {d['rps']:,.1f} | {d['p50_ms']:.1f} | {d['p99_ms']:.1f} | {d['errors']} |",
+            "",
+            f"p99 during reloads / steady p99: **{d['p99_ms'] / s['p99_ms']:.2f}x**.",
+        ]
+    for route, e in results["endpoints"].items():
+        c = e["ceiling"]
+        lines += [
+            "",
+            f"## /{route} ({e['task']}; payload: {e['payload']})",
+            "",
+            "| ceiling batch | " + " | ".join(str(b) for b in c["model_only_ips"]) + " |",
+            "|---" * (len(c["model_only_ips"]) + 1) + "|",
+            "| model only, items/s | " + " | ".join(f"{v:,.1f}" for v in c["model_only_ips"].values()) + " |",
+            "",
+            f"End to end in-process at batch {c['best_batch']}: **{c['end_to_end_ips']:,.1f} items/s**. "
+            f"One item at batch 1: p50 {c['single_p50_ms']} ms, p99 {c['single_p99_ms']} ms.",
+            "",
+            "| server | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for label, points in e["runs"].items():
+            for pt in points:
+                lines.append(
+                    f"| {label} | {pt['concurrency']} | {pt['rps']:,.1f} | {pt['p50_ms']:.1f} | "
+                    f"{pt['p95_ms']:.1f} | {pt['p99_ms']:.1f} | {pt['errors']} |"
+                )
+    lines += ["", "![bench](bench.png)"]
     (out / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
+    plot(results, out / "bench.png")
 
+
+def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, points in runs.items():
-        xs = [p["concurrency"] for p in points]
-        ax1.plot(xs, [p["rps"] for p in points], "o-", label=label)
-        ax2.plot(xs, [p["p99_ms"] for p in points], "o-", label=label)
-    ax1.axhline(c["end_to_end_ips"], color="grey", ls="--", label="ceiling: in-process decode+ORT")
-    for ax, title in ((ax1, "throughput (req/s)"), (ax2, "p99 latency (ms)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    ax2.set_yscale("log")
+    routes = list(results["endpoints"])
+    fig, axes = plt.subplots(2, len(routes), figsize=(4.2 * len(routes), 7), squeeze=False)
+    for col, route in enumerate(routes):
+        e = results["endpoints"][route]
+        top, bottom = axes[0][col], axes[1][col]
+        for label, points in e["runs"].items():
+            xs = [p["concurrency"] for p in points]
+            top.plot(xs, [p["rps"] for p in points], "o-", label=label)
+            bottom.plot(xs, [p["p99_ms"] for p in points], "o-", label=label)
+        top.axhline(e["ceiling"]["end_to_end_ips"], color="grey", ls="--", label="ceiling (in-process ORT)")
+        top.set_title(f"/{route}: throughput (req/s)")
+        bottom.set_title(f"/{route}: p99 latency (ms)")
+        bottom.set_yscale("log")
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent clients")
+            ax.grid(alpha=0.3)
+        top.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "bench.png", dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

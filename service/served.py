@@ -37,6 +37,9 @@ class ServedModel(ABC):
     task: ClassVar[str]
     # What a BYTES tensor holds for this task in the v2 protocol: "image", "text", or None.
     bytes_input_name: ClassVar[str | None] = None
+    # Largest batch worth forming for this task when the operator has not set one for the model:
+    # None means the global GRAFT_MAX_BATCH_SIZE. Big batches of big tensors only grow the arena.
+    batch_cap: ClassVar[int | None] = None
 
     def __init__(self, artifact: Artifact, settings: Settings, *, infer_executor: Executor, cpu_executor: Executor):
         self.artifact = artifact
@@ -49,10 +52,13 @@ class ServedModel(ABC):
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         cfg = settings.batching(self.manifest.name)
+        max_batch = cfg.max_batch_size
+        if self.batch_cap is not None and self.manifest.name not in settings.batching_per_model:
+            max_batch = min(max_batch, self.batch_cap)
         self.batcher: Batcher[Any, Any] = Batcher(
             self.run_batch,
             executor=infer_executor,
-            max_batch_size=cfg.max_batch_size,
+            max_batch_size=max_batch,
             max_latency_ms=cfg.max_latency_ms,
             max_queue=cfg.max_queue,
             name=f"{self.manifest.name}:{self.manifest.version}",

@@ -85,3 +85,35 @@ def test_type_text_and_see_its_sentiment(browser, server) -> None:
     results = browser.find_element(By.ID, "sentiment-results").text
     assert text in results and expected["results"][0]["label"] in results
     assert f"answered by sentiment {expected['model']['version']}" in results
+
+
+def test_upload_a_scene_and_see_its_boxes_drawn(browser, server, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_detection import _demo_test_split
+
+    scene = _demo_test_split().images[0]
+    picture = tmp_path / "scene.jpg"
+    picture.write_bytes(scene.path.read_bytes())
+    expected = httpx.post(server.url + "/detect", files={"image": ("s.jpg", picture.read_bytes())}).json()
+    assert expected["detections"], "the detector finds nothing on a test scene"
+
+    browser.get(server.url + "/ui")
+    wait = WebDriverWait(browser, 30)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "models"), "object-detection:"))
+    browser.find_element(By.ID, "image-input").send_keys(str(picture))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "detect-results"), "answered by"))
+    results = browser.find_element(By.ID, "detect-results").text
+    assert f"Boxes ({len(expected['detections'])})" in results
+    assert f"answered by object-detection {expected['model']['version']}" in results
+    # The boxes are drawn: the canvas holds pixels of the box colour (#f04438) that the photo lacks.
+    red = browser.execute_script(
+        """const c = document.getElementById('canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0;
+        for (let i = 0; i < d.length; i += 4) if (d[i] === 240 && d[i + 1] === 68 && d[i + 2] === 56) n++;
+        return n;"""
+    )
+    assert red > 100, f"only {red} box-coloured pixels on the canvas"

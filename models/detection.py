@@ -117,10 +117,7 @@ def postprocess(
     keep = keep[np.lexsort((keep, -cand[keep]))][:max_detections]
     out_boxes = cand_boxes[keep]
     if geometry is not None and len(keep):
-        out_boxes = geometry.to_original(out_boxes)
-        # Clip here too: Geometry.to_original's own clipping writes into a temporary copy.
-        out_boxes[:, [0, 2]] = np.clip(out_boxes[:, [0, 2]], 0, geometry.orig_width)
-        out_boxes[:, [1, 3]] = np.clip(out_boxes[:, [1, 3]], 0, geometry.orig_height)
+        out_boxes = geometry.to_original(out_boxes)  # undoes the letterbox and clips to the image
     return Detections(
         boxes=out_boxes.reshape(-1, 4).astype(np.float32),
         scores=cand[keep].astype(np.float32),

@@ -247,33 +247,52 @@ def clone_version(registry: Path, name: str) -> str:
     return version
 
 
-def reload_run(srv: BentoServer, registry: Path, body: bytes, ctype: str, duration: float) -> dict[str, Any]:
-    """p99 of /classify at concurrency 4, steady vs while new versions are swapped in every 2 s."""
+def median_point(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One load point from several interleaved rounds: medians of each statistic, errors summed."""
+    med = {k: statistics.median(r[k] for r in rounds) for k in ("rps", "p50_ms", "p95_ms", "p99_ms")}
+    return {
+        "concurrency": rounds[0]["concurrency"],
+        **{k: round(v, 2) for k, v in med.items()},
+        "errors": sum(r["errors"] for r in rounds),
+        "requests": sum(r["requests"] for r in rounds),
+        "rounds_rps": [r["rps"] for r in rounds],
+    }
+
+
+def reload_run(
+    srv: BentoServer, registry: Path, body: bytes, ctype: str, seconds: float, rounds: int
+) -> dict[str, Any]:
+    """p99 of /classify at concurrency 4, steady vs while new versions are swapped in every 2 s;
+    the two phases alternate `rounds` times so that drift on a shared machine hits both alike."""
     import threading
 
     import httpx
 
-    steady = wrk(srv.url + "/classify", body, ctype, 4, duration)
-    stop = threading.Event()
     outcomes: list[str] = []
 
-    def swapper() -> None:
+    def swapper(stop: threading.Event) -> None:
         while not stop.wait(2.0):
             version = clone_version(registry, "image-classification")
             r = httpx.post(srv.url + "/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
             outcomes.append(f"{version}:{r.status_code}")
 
-    t = threading.Thread(target=swapper, daemon=True)
-    t.start()
-    during = wrk(srv.url + "/classify", body, ctype, 4, duration)
-    stop.set()
-    t.join(timeout=90)
+    steady, during = [], []
+    for _ in range(rounds):
+        steady.append(wrk(srv.url + "/classify", body, ctype, 4, seconds))
+        stop = threading.Event()
+        t = threading.Thread(target=swapper, args=(stop,), daemon=True)
+        t.start()
+        during.append(wrk(srv.url + "/classify", body, ctype, 4, seconds))
+        stop.set()
+        t.join(timeout=90)
     served = httpx.get(srv.url + "/models", timeout=10).json()
     entry = next(m for m in served["models"] if m["name"] == "image-classification")
     last = outcomes[-1].split(":")[0] if outcomes else None
     return {
-        "steady": steady,
-        "during_reload": during,
+        "steady": median_point(steady),
+        "during_reload": median_point(during),
+        "seconds_per_phase": seconds,
+        "rounds": rounds,
         "reloads": len(outcomes),
         "reloads_ok": sum(o.endswith(":200") for o in outcomes),
         "last_version_served": entry.get("served_version") == last,
@@ -283,7 +302,8 @@ def reload_run(srv: BentoServer, registry: Path, body: bytes, ctype: str, durati
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__.splitlines()[0])
     p.add_argument("--registry", default=os.environ.get("MODEL_REGISTRY") or str(REPO / "models" / "registry"))
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per load point")
+    p.add_argument("--duration", type=float, default=12.0, help="seconds per load point, over all rounds")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per load point (medians reported)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--endpoints", nargs="+", choices=list(ENDPOINTS), default=list(ENDPOINTS))
     p.add_argument("--no-peer", action="store_true")
@@ -310,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_all(args: argparse.Namespace, registry: Path, served: dict[str, str], endpoints: list[str], cpus: int) -> dict:
+    """Every server runs at once (idle ones cost nothing) and each load point alternates between
+    them round by round, so a slow spell on the shared machine lands on all of them alike."""
     bodies = payloads(photo_jpeg())
     results: dict[str, Any] = {
         "machine": {
@@ -319,8 +341,12 @@ def run_all(args: argparse.Namespace, registry: Path, served: dict[str, str], en
             "processor": platform.processor() or platform.machine(),
         },
         "duration_s": args.duration,
-        "models": {task: version for task, version in served.items()},
+        "rounds": args.rounds,
+        "models": dict(served),
         "endpoints": {},
+        "cold_start_s": {},
+        "rss_mb_idle": {},
+        "rss_mb": {},
     }
     for route in endpoints:
         task = ENDPOINTS[route]
@@ -331,39 +357,43 @@ def run_all(args: argparse.Namespace, registry: Path, served: dict[str, str], en
             "ceiling": ceiling(task, registry / task / served[task], bodies[route][2], threads=cpus),
             "runs": {},
         }
-    env_base = {"GRAFT_ADMIN_TOKEN": TOKEN}
-    for label, workers in (("graft (1 worker)", "1"), ("graft (2 workers)", "2")):
-        print(f"[bench] {label}...", file=sys.stderr)
-        srv = BentoServer(registry, env={**env_base, "GRAFT_WORKERS": workers})
-        t0 = time.perf_counter()
-        srv.start()
-        results.setdefault("cold_start_s", {})[label] = round(time.perf_counter() - t0, 2)
-        try:
-            results.setdefault("rss_mb_idle", {})[label] = worker_rss_mb(srv)
-            for route in endpoints:
-                body, ctype = bodies[route][:2]
-                wrk(srv.url + "/" + route, body, ctype, 4, 2)  # warm-up
-                results["endpoints"][route]["runs"][label] = [
-                    wrk(srv.url + "/" + route, body, ctype, c, args.duration) for c in args.concurrency
-                ]
-            results.setdefault("rss_mb", {})[label] = worker_rss_mb(srv)
-            if workers == "1" and not args.no_reload:
-                print("[bench] p99 during hot reloads...", file=sys.stderr)
-                body, ctype = bodies["classify"][:2]
-                results["reload"] = reload_run(srv, registry, body, ctype, args.duration)
-        finally:
-            srv.stop()
-    if not args.no_peer:
-        print("[bench] naive peer (FastAPI + PyTorch eager)...", file=sys.stderr)
-        peer = Peer(registry / "image-classification" / served["image-classification"])
-        try:
+    servers: dict[str, Any] = {}
+    try:
+        for label, workers in (("graft (1 worker)", "1"), ("graft (2 workers)", "2")):
+            print(f"[bench] starting {label}...", file=sys.stderr)
+            srv = BentoServer(registry, env={"GRAFT_ADMIN_TOKEN": TOKEN, "GRAFT_WORKERS": workers})
+            t0 = time.perf_counter()
+            srv.start()
+            results["cold_start_s"][label] = round(time.perf_counter() - t0, 2)
+            results["rss_mb_idle"][label] = worker_rss_mb(srv)
+            servers[label] = srv
+        if not args.no_peer:
+            print("[bench] starting the naive peer (FastAPI + PyTorch eager)...", file=sys.stderr)
+            servers["naive peer"] = Peer(registry / "image-classification" / served["image-classification"])
+        seconds = args.duration / args.rounds
+        for route in endpoints:
+            body, ctype = bodies[route][:2]
+            targets = [k for k in servers if k.startswith("graft") or route == "classify"]
+            for label in targets:
+                wrk(servers[label].url + "/" + route, body, ctype, 4, 2)  # warm-up
+            for c in args.concurrency:
+                print(f"[bench] /{route} at concurrency {c}...", file=sys.stderr)
+                rounds: dict[str, list[dict[str, Any]]] = {k: [] for k in targets}
+                for _ in range(args.rounds):
+                    for label in targets:
+                        rounds[label].append(wrk(servers[label].url + "/" + route, body, ctype, c, seconds))
+                for label in targets:
+                    results["endpoints"][route]["runs"].setdefault(label, []).append(median_point(rounds[label]))
+        for label, srv in servers.items():
+            if label.startswith("graft"):
+                results["rss_mb"][label] = worker_rss_mb(srv)
+        if not args.no_reload:
+            print("[bench] p99 during hot reloads...", file=sys.stderr)
             body, ctype = bodies["classify"][:2]
-            wrk(peer.url + "/classify", body, ctype, 4, 2)
-            results["endpoints"]["classify"]["runs"]["naive peer"] = [
-                wrk(peer.url + "/classify", body, ctype, c, args.duration) for c in args.concurrency
-            ]
-        finally:
-            peer.stop()
+            results["reload"] = reload_run(servers["graft (1 worker)"], registry, body, ctype, 6.0, args.rounds)
+    finally:
+        for srv in servers.values():
+            srv.stop()
     return results
 
 
@@ -381,8 +411,9 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "Generated by `python -m scripts.bench` in one run: every number below was measured side by side",
         f"on the same machine. Machine: {m['cpus']} CPUs, {m['processor']}, Python {m['python']}.",
         "Models: " + ", ".join(f"{t} `{v}`" for t, v in results["models"].items()) + ".",
-        f"Load: `wrk -t1 -cN -d{results['duration_s']:g}s` (closed loop) on loopback; the load generator "
-        "shares the CPUs with the server.",
+        f"Load: `wrk -t1 -cN` (closed loop) on loopback, {results['rounds']} rounds of "
+        f"{results['duration_s'] / results['rounds']:g} s per point, the servers taking turns round by round;",
+        "each statistic is the median over the rounds. The load generator shares the CPUs with the servers.",
         "",
         "The ceiling is raw ONNX Runtime in the benchmark's own process with the service's session options:",
         "*model only* feeds a ready tensor; *end to end* turns the payload into tensors with the service's",
@@ -431,9 +462,9 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             "",
             "## p99 during hot reloads",
             "",
-            f"/classify at concurrency 4 on 1 worker, {results['duration_s']:g} s steady, "
-            f"then {results['duration_s']:g} s "
-            f"while a new version is dropped into the registry and `POST /admin/reload` swaps it in every 2 s "
+            f"/classify at concurrency 4 on 1 worker: {r['rounds']} rounds of {r['seconds_per_phase']:g} s steady "
+            f"alternating with {r['seconds_per_phase']:g} s during which a new version is dropped into the registry "
+            "and `POST /admin/reload` swaps it in every 2 s (medians over the rounds) "
             f"({r['reloads_ok']}/{r['reloads']} reloads answered 200; the last version served afterwards: "
             f"{r['last_version_served']}).",
             "",

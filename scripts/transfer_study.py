@@ -51,6 +51,14 @@ def _epochs_for(fraction: float, table: dict[float, int]) -> int:
     return table.get(fraction) or max(1, round(1.5 / max(fraction, 0.01) ** 0.5))
 
 
+def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a stratified `fraction` of the labelled items (at least one per class)."""
+    n = max(len(np.unique(labels)), round(fraction * len(labels)))
+    if n >= len(labels):
+        return np.arange(len(labels))
+    return stratified_split(labels, n, seed)[1]  # (keep, holdout): the n-item holdout
+
+
 class TrunkCache:
     """Outputs of a frozen pretrained prefix, computed once per cut and reused across fractions."""
 
@@ -89,12 +97,7 @@ def image_study(fractions: list[float], seed: int, image_size: int) -> list[dict
     }
     rows = []
     for frac in fractions:
-        n = max(len(data.labels), round(frac * len(y["train"])))
-        idx = (
-            np.arange(len(y["train"]))
-            if n >= len(y["train"])
-            else stratified_split(y["train"], len(y["train"]) - n, seed + 1)[1]
-        )
+        idx = label_subset(y["train"], frac, seed + 1)
         epochs = _epochs_for(frac, IMAGE_EPOCHS)
         cfg = {**base_cfg, "epochs": epochs}
         for arm in ("fine-tune", "linear probe", "linear probe + AdaBN", "from scratch"):

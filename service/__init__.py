@@ -5,6 +5,10 @@ import os
 # onnxruntime 1.32 writes a telemetry device id under ~/.cache unless told not to.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-from .service import Graft
+from .runtime import limit_malloc_arenas
+
+limit_malloc_arenas()  # before the decode and ONNX Runtime threads exist
+
+from .service import Graft  # noqa: E402
 
 __all__ = ["Graft"]

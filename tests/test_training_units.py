@@ -73,3 +73,16 @@ def test_negative_transfer_is_said_plainly() -> None:
     notes = negative_transfer_notes(0.80, {"linear-probe": {"val_accuracy": 0.85}})
     assert notes and notes[0].startswith("NEGATIVE TRANSFER WARNING")
     assert negative_transfer_notes(0.9, {"linear-probe": {"val_accuracy": 0.85}})[0].startswith("fine-tuning beats")
+
+
+def test_transfer_study_label_fractions_are_what_they_say() -> None:
+    from scripts.transfer_study import label_subset
+
+    labels = np.repeat(np.arange(10), 5500)  # Fashion-MNIST's train split after validation
+    for fraction, expected in ((0.01, 550), (0.05, 2750), (0.25, 13750)):
+        idx = label_subset(labels, fraction, seed=1)
+        assert len(idx) == expected and len(np.unique(idx)) == expected
+        assert np.all(np.bincount(labels[idx], minlength=10) == expected // 10), "not stratified"
+    assert len(label_subset(labels, 1.0, seed=1)) == len(labels)
+    assert len(label_subset(labels, 1e-6, seed=1)) == 10  # at least one per class
+    assert not np.array_equal(label_subset(labels, 0.01, seed=1), label_subset(labels, 0.01, seed=2))

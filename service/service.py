@@ -33,6 +33,9 @@ SETTINGS = Settings.from_env()
     name="graft",
     workers=SETTINGS.workers,
     traffic={"timeout": 60},
+    # BentoML's access log: one line per request (with the request's trace id). GRAFT_ACCESS_LOG=0
+    # turns it off where every request's line costs more than it tells (docs/BENCHMARKS.md).
+    logging={"access": {"enabled": os.environ.get("GRAFT_ACCESS_LOG", "1") != "0"}},
 )
 @bentoml.asgi_app(app, path="/")
 class Graft:

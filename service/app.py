@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,8 +31,9 @@ from .schemas import (
     SentimentRequest,
     SentimentResponse,
 )
-from .state import Pool, get_pool, get_reloader
+from .state import Pool, current_pool, get_reloader
 from .tasks.sentiment import parse_sentiment_body
+from .uploads import float_option, image_upload_openapi, int_option, read_image_upload, str_option
 from .v2 import router as v2_router
 
 log = logging.getLogger("graft.http")
@@ -96,34 +97,71 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, f"internal error (request id {rid}); the service is still up")
 
 
-@app.post("/classify", response_model=ClassifyResponse, responses=ERRORS, tags=["inference"])
-async def classify(
-    pool: Pool,
-    image: Annotated[UploadFile, File(description="the image: JPEG, PNG, WebP, BMP or GIF (first frame)")],
-    top_k: Annotated[int, Form(ge=1, le=1000, description="how many labels to return")] = 5,
-    model: Annotated[str | None, Form(max_length=64, description="model name; default: the task's model")] = None,
-) -> dict:
+CLASSIFY_OPTIONS = {
+    "top_k": int_option(1, 1000),
+    "model": str_option(64),
+}
+DETECT_OPTIONS = {
+    "score_threshold": float_option(0.0, 1.0),
+    "max_detections": int_option(1, 1000),
+    "model": str_option(64),
+}
+MODEL_FIELD = {"type": "string", "maxLength": 64, "description": "model name; default: the task's model"}
+
+
+async def _upload(request: Request, options: dict) -> tuple[bytes, dict]:
+    return read_image_upload(await request.body(), request.headers.get("content-type"), request.query_params, options)
+
+
+@app.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses=ERRORS,
+    tags=["inference"],
+    openapi_extra=image_upload_openapi(
+        {
+            "top_k": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": 1000,
+                "default": 5,
+                "description": "how many labels to return",
+            },
+            "model": MODEL_FIELD,
+        }
+    ),
+)
+async def classify(request: Request, pool: Pool) -> dict:
     """Classify one image: the top-k labels with their probabilities."""
-    served = pool.get("image-classification", model)
-    data = await image.read()
-    predictions = await served.predict(data, top_k)
+    data, opts = await _upload(request, CLASSIFY_OPTIONS)
+    served = pool.get("image-classification", opts.get("model"))
+    predictions = await served.predict(data, opts.get("top_k", 5))
     return {"model": served.ref(), "predictions": predictions}
 
 
-@app.post("/detect", response_model=DetectResponse, responses=ERRORS, tags=["inference"])
-async def detect(
-    pool: Pool,
-    image: Annotated[UploadFile, File(description="the image: JPEG, PNG, WebP, BMP or GIF (first frame)")],
-    score_threshold: Annotated[
-        float | None, Form(ge=0, le=1, description="minimum score; default: the model's (manifest)")
-    ] = None,
-    max_detections: Annotated[int | None, Form(ge=1, le=1000, description="most boxes to return")] = None,
-    model: Annotated[str | None, Form(max_length=64, description="model name; default: the task's model")] = None,
-) -> dict:
+@app.post(
+    "/detect",
+    response_model=DetectResponse,
+    responses=ERRORS,
+    tags=["inference"],
+    openapi_extra=image_upload_openapi(
+        {
+            "score_threshold": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": 1,
+                "description": "minimum score; default: the model's (manifest)",
+            },
+            "max_detections": {"type": "integer", "minimum": 1, "maximum": 1000, "description": "most boxes to return"},
+            "model": MODEL_FIELD,
+        }
+    ),
+)
+async def detect(request: Request, pool: Pool) -> dict:
     """Find objects in one image: labels, scores and boxes in the uploaded image's pixels."""
-    served = pool.get("object-detection", model)
-    data = await image.read()
-    result = await served.predict(data, score_threshold, max_detections)
+    data, opts = await _upload(request, DETECT_OPTIONS)
+    served = pool.get("object-detection", opts.get("model"))
+    result = await served.predict(data, opts.get("score_threshold"), opts.get("max_detections"))
     return {"model": served.ref(), **result}
 
 
@@ -170,9 +208,9 @@ async def list_models(pool: Pool) -> dict:
     return {"models": pool.report()}
 
 
-def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
+async def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
     """Bearer-token check in constant time; refuses everything when no token is configured."""
-    token = get_pool().settings.admin_token
+    token = current_pool().settings.admin_token
     if not token:
         raise InvalidInput("admin routes are disabled: set GRAFT_ADMIN_TOKEN to enable them", status_code=403)
     if not authorization or not authorization.startswith("Bearer "):

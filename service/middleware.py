@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
-import uuid
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -14,6 +14,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .logs import current_request_id
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# Request ids need to be unique, not secret: a PRNG seeded from the OS once per process costs
+# no system call per request (uuid4 reads /dev/urandom every time).
+_ids = random.Random()
+
+
+def new_request_id() -> str:
+    return f"{_ids.getrandbits(128):032x}"
 
 
 class RequestId:
@@ -33,7 +40,7 @@ class RequestId:
                 if _SAFE_ID.match(candidate):
                     rid = candidate
                 break
-        rid = rid or uuid.uuid4().hex
+        rid = rid or new_request_id()
         scope["graft.request_id"] = rid
         current_request_id.set(rid)
 

@@ -34,6 +34,35 @@ def limit_malloc_arenas() -> int | None:
     return int(raw) if libc.mallopt(m_arena_max, int(raw)) == 1 else None
 
 
+def disable_idle_tracing() -> bool:
+    """Turn the OpenTelemetry SDK off in this worker when no traces would be collected.
+
+    BentoML wraps every request in OpenTelemetry's ASGI middleware, which opens a server span
+    and one span per body chunk received and per message sent (five or more per upload), even
+    at BentoML's default sample rate of 0 with no exporter, where every span is dropped. That
+    cost ~1 ms of event-loop time per /classify request here (docs/BENCHMARKS.md). When tracing
+    is configured (an exporter and a sample rate above 0 in BentoML's configuration), or
+    GRAFT_TRACING=1, nothing changes; GRAFT_TRACING=0 forces it off. Must run before BentoML
+    builds its ASGI app (the tracer provider reads OTEL_SDK_DISABLED when it is created).
+    Returns True when tracing was turned off.
+    """
+    choice = os.environ.get("GRAFT_TRACING", "").strip().lower()
+    if choice in ("1", "true", "on") or "OTEL_SDK_DISABLED" in os.environ:
+        return False
+    if choice not in ("0", "false", "off"):
+        try:
+            from bentoml._internal.configuration.containers import BentoMLContainer
+
+            exporter = BentoMLContainer.config.tracing.exporter_type.get()
+            rate = BentoMLContainer.config.tracing.sample_rate.get()
+        except Exception:  # a BentoML whose config layout we do not know: leave tracing alone
+            return False
+        if exporter and rate:
+            return False
+    os.environ["OTEL_SDK_DISABLED"] = "true"
+    return True
+
+
 def session_options(threads: int) -> ort.SessionOptions:
     """Options for a serving session: a fixed intra-op pool, no idle spinning, full graph opts."""
     so = ort.SessionOptions()

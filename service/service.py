@@ -22,11 +22,13 @@ from .config import Settings
 from .logs import install_request_id_logging
 from .pool import ModelPool
 from .reload import Reloader, ReloadSignal
+from .runtime import disable_idle_tracing
 from .state import install
 
 log = logging.getLogger("graft")
 
 SETTINGS = Settings.from_env()
+TRACING_OFF = disable_idle_tracing()
 
 
 @bentoml.service(
@@ -56,10 +58,11 @@ class Graft:
         install(self.pool, self.reloader)
         install_request_id_logging()
         log.info(
-            "graft worker ready: registry=%s models=%s ort_threads=%d",
+            "graft worker ready: registry=%s models=%s ort_threads=%d tracing=%s",
             self.settings.registry,
             [f"{m.name}:{m.version}" for m in self.pool.served()],
             self.settings.ort_threads,
+            "off (not configured)" if TRACING_OFF else "as configured",
         )
 
     @bentoml.on_startup

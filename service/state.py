@@ -20,11 +20,17 @@ def install(pool: ModelPool, reloader: Reloader) -> None:
     _state["reloader"] = reloader
 
 
-def get_pool() -> ModelPool:
+def current_pool() -> ModelPool:
     pool = _state.get("pool")
     if not isinstance(pool, ModelPool):
         raise InvalidInput("the service is starting; no models are loaded yet", status_code=503)
     return pool
+
+
+async def get_pool() -> ModelPool:
+    """The FastAPI dependency. async on purpose: FastAPI runs a plain `def` dependency in a
+    worker thread, a thread hop on every request for a dict lookup."""
+    return current_pool()
 
 
 def get_reloader() -> Reloader:

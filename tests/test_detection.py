@@ -342,6 +342,21 @@ def test_options_limit_the_answer(server) -> None:
 
 
 @pytest.mark.integration
+def test_raw_image_body_with_query_options_answers_like_the_form(server) -> None:
+    data = _demo_test_split().images[1].path.read_bytes()
+    form = _detect(server, data, score_threshold="0.2", max_detections="3").json()
+    raw = httpx.post(
+        server.url + "/detect",
+        params={"score_threshold": "0.2", "max_detections": "3"},
+        content=data,
+        headers={"Content-Type": "image/jpeg"},
+        timeout=60,
+    )
+    assert raw.status_code == 200, raw.text
+    assert raw.json() == form and 0 < len(form["detections"]) <= 3
+
+
+@pytest.mark.integration
 def test_concurrent_detect_requests_are_batched(server) -> None:
     images = [im.path.read_bytes() for im in _demo_test_split().images[:24]]
 

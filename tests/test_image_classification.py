@@ -103,6 +103,21 @@ def test_response_names_the_version_and_request_id(server, image_artifact: Path)
 
 
 @pytest.mark.integration
+def test_raw_image_body_answers_like_the_form(server) -> None:
+    """`curl --data-binary @x.jpg -H 'Content-Type: image/jpeg' '/classify?top_k=2'` works too."""
+    img = encode(Image.new("RGB", (40, 30), (200, 120, 10)), "JPEG")
+    form = httpx.post(server.url + "/classify", files={"image": ("x.jpg", img)}, data={"top_k": "2"})
+    for ctype in ("image/jpeg", "application/octet-stream"):
+        raw = httpx.post(server.url + "/classify", params={"top_k": "2"}, content=img, headers={"Content-Type": ctype})
+        assert raw.status_code == 200, raw.text
+        assert raw.json() == form.json() and len(raw.json()["predictions"]) == 2
+    bad = httpx.post(
+        server.url + "/classify", params={"top_k": "0"}, content=img, headers={"Content-Type": "image/jpeg"}
+    )
+    assert bad.status_code == 400 and "top_k" in bad.json()["error"]
+
+
+@pytest.mark.integration
 def test_concurrent_requests_are_batched(server, fashion_test) -> None:
     x, _ = fashion_test
     payloads = [encode(Image.fromarray(x[i])) for i in range(64)]

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from models.manifest import ImagePreprocessing
-from models.postprocess import softmax, top_k
+from models.postprocess import rank, softmax, top_k_ranked
 from models.preprocess import DecodeLimits, ImagePreprocessor
 
 from ..served import ServedModel, register_task
@@ -28,10 +28,17 @@ class ImageClassifier(ServedModel):
         self.limits = DecodeLimits(max_pixels=self.settings.max_image_pixels)
         self.labels = self.manifest.labels
 
-    def run_batch(self, items: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:
         batch = np.stack(items) if len(items) > 1 else items[0][None]
         (logits,) = self.session.run(self.output_names[:1], {self.input_names[0]: batch})
-        return list(logits)
+        return logits
+
+    def run_batch(self, items: Sequence[np.ndarray]) -> list[tuple[list[float], list[int]]]:
+        # Softmax and ranking for the whole batch here, on the inference thread: per request on
+        # the event loop they were small numpy calls that each drop and re-take the GIL, and
+        # every re-take waits behind whichever decode thread holds it.
+        probs = softmax(self.logits(items))
+        return list(zip(probs.tolist(), rank(probs).tolist(), strict=True))
 
     def bytes_to_feeds(self, items: list[bytes]) -> dict[str, np.ndarray]:
         batch = np.stack([self.preprocessor.from_bytes(d, self.limits)[0] for d in items])
@@ -39,7 +46,7 @@ class ImageClassifier(ServedModel):
 
     def logits_for_bytes(self, data: bytes) -> np.ndarray:
         tensor, _ = self.preprocessor.from_bytes(data, self.limits)
-        return self.run_batch([tensor])[0]
+        return self.logits([tensor])[0]
 
     def warmup_outputs(self) -> np.ndarray:
         data = self.artifact.file(self.manifest.warmup.file).read_bytes()  # type: ignore[union-attr]
@@ -49,5 +56,5 @@ class ImageClassifier(ServedModel):
         """Top-k labels for one encoded image (decoded off the event loop, batched with others)."""
         loop = asyncio.get_running_loop()
         tensor, _ = await loop.run_in_executor(self.cpu_executor, self.preprocessor.from_bytes, data, self.limits)
-        logits = await self.batcher.submit(tensor)
-        return top_k(softmax(logits), self.labels, k)
+        probs, order = await self.batcher.submit(tensor)
+        return top_k_ranked(probs, order, self.labels, k)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,6 @@ from tokenizers import Encoding
 
 from models.errors import ArtifactError, InvalidInput
 from models.manifest import TextPreprocessing
-from models.postprocess import softmax
 from models.text import TextTokenizer, load_text_tokenizer
 
 from ..batching import QueueFull
@@ -134,12 +134,18 @@ class SentimentClassifier(ServedModel):
         return self.logits_for_texts(texts)
 
     def answer(self, logits: np.ndarray) -> dict[str, Any]:
-        probs = softmax(logits)
-        best = int(np.argmax(probs))
+        # Plain Python on a handful of floats: this runs on the event loop once per text, and
+        # numpy's ufuncs drop the GIL, so each call would queue behind the busy worker threads.
+        z = logits.tolist()
+        top = max(z)
+        e = [math.exp(v - top) for v in z]
+        total = sum(e)
+        probs = [v / total for v in e]
+        best = max(range(len(probs)), key=probs.__getitem__)
         return {
             "label": self.labels[best],
-            "score": float(probs[best]),
-            "scores": {label: float(p) for label, p in zip(self.labels, probs, strict=True)},
+            "score": probs[best],
+            "scores": dict(zip(self.labels, probs, strict=True)),
         }
 
     async def predict(self, texts: list[str]) -> list[dict[str, Any]]:

@@ -1,0 +1,53 @@
+"""Worker-level runtime choices in service/runtime.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.runtime import disable_idle_tracing
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+    monkeypatch.delenv("GRAFT_TRACING", raising=False)
+    return monkeypatch
+
+
+def test_tracing_is_turned_off_when_bentoml_collects_none(clean_env) -> None:
+    import os
+
+    # BentoML's defaults: no exporter, sample rate unset (0): every span would be dropped.
+    assert disable_idle_tracing() is True
+    assert os.environ["OTEL_SDK_DISABLED"] == "true"
+
+
+def test_tracing_is_left_alone_when_asked_or_configured(clean_env) -> None:
+    import os
+
+    clean_env.setenv("GRAFT_TRACING", "1")
+    assert disable_idle_tracing() is False and "OTEL_SDK_DISABLED" not in os.environ
+
+    clean_env.delenv("GRAFT_TRACING")
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    tracing = BentoMLContainer.config.tracing
+    saved = tracing.exporter_type.get(), tracing.sample_rate.get()
+    try:
+        tracing.exporter_type.set("otlp")
+        tracing.sample_rate.set(0.5)
+        assert disable_idle_tracing() is False and "OTEL_SDK_DISABLED" not in os.environ
+    finally:
+        tracing.exporter_type.set(saved[0])
+        tracing.sample_rate.set(saved[1])
+    assert tracing.exporter_type.get() is saved[0]
+
+    clean_env.setenv("OTEL_SDK_DISABLED", "false")  # the operator's own OTel setting wins
+    assert disable_idle_tracing() is False and os.environ["OTEL_SDK_DISABLED"] == "false"
+
+
+def test_graft_tracing_0_forces_it_off(clean_env) -> None:
+    import os
+
+    clean_env.setenv("GRAFT_TRACING", "0")
+    assert disable_idle_tracing() is True and os.environ["OTEL_SDK_DISABLED"] == "true"

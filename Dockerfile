@@ -55,8 +55,9 @@ COPY --from=registry / /models/
 # Everything the server writes goes under /tmp, so the root filesystem can be read-only:
 # BentoML's home (and its Prometheus multiprocess folder), Python's and ONNX Runtime's caches,
 # and the hot-reload state folder (GRAFT_STATE_DIR defaults under TMPDIR).
-# GRAFT_ORT_THREADS / GRAFT_DECODE_THREADS left empty: derived from the container's CPU quota
-# (cgroup cpu.max) divided by GRAFT_WORKERS; set them to pin the thread pools explicitly.
+# GRAFT_WORKERS=auto: one worker per CPU of the container's quota (cgroup cpu.max, or GRAFT_CPUS),
+# at most 4; ONNX Runtime threads = quota / workers. Set GRAFT_ORT_THREADS / GRAFT_DECODE_THREADS
+# to pin the thread pools explicitly.
 ENV PATH=/opt/graft/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -67,7 +68,7 @@ ENV PATH=/opt/graft/bin:$PATH \
     BENTOML_DO_NOT_TRACK=true \
     ORT_DISABLE_TELEMETRY=1 \
     MODEL_REGISTRY=/models \
-    GRAFT_WORKERS=1 \
+    GRAFT_WORKERS=auto \
     GRAFT_ORT_THREADS= \
     GRAFT_DECODE_THREADS= \
     GRAFT_ORT_PROVIDERS=CPUExecutionProvider

@@ -17,6 +17,10 @@ from PIL import Image
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRAFT_NO_PROGRESS", "1")
+# Servers under test run one worker unless a test asks for more: several tests read one worker's
+# batching counters or kill its one process. The default (auto: one per CPU) runs in
+# test_deploy's serving-install test, and two workers in test_lifecycle.
+os.environ.setdefault("GRAFT_WORKERS", "1")
 
 FASHION = Path(os.environ.get("GRAFT_FASHION_MNIST") or "/usr/share/datasets/fashion-mnist")
 

@@ -224,22 +224,27 @@ def test_env_names_are_read_by_someone(rendered: dict[str, Any]) -> None:
                 assert name in EXTERNAL_ENV, f"{container['name']}: {name} is read by nothing known"
 
 
-def test_thread_pools_fit_the_cpu_limit(rendered: dict[str, Any]) -> None:
+def test_thread_pools_fit_the_cpu_limit(rendered: dict[str, Any], monkeypatch) -> None:
+    """What service/config.py makes of the pod's environment: workers x ORT threads <= the limit."""
+    from service.config import Settings
+
     deploy = one(rendered, "Deployment")
     c = server_container(deploy)
     env = container_env(rendered, c)
     limit = math.ceil(cpu_quantity(c["resources"]["limits"]["cpu"]))
-    workers = int(env.get("GRAFT_WORKERS", 1))
-    for var in ("GRAFT_ORT_THREADS", "GRAFT_DECODE_THREADS"):
-        value = env[var]
-        if isinstance(value, dict):
+    for name, value in env.items():
+        if isinstance(value, dict) and "resourceFieldRef" in value:
             ref = value["resourceFieldRef"]
             assert ref["resource"] == "limits.cpu" and ref.get("containerName", "graft") == "graft"
             assert str(ref.get("divisor", "1")) == "1"
-            threads = limit  # what the kubelet injects: the limit rounded up to whole CPUs
-        else:
-            threads = int(value)
-        assert workers * threads <= limit, f"{workers} workers x {threads} {var} > {limit} CPUs"
+            value = str(limit)  # what the kubelet injects: the limit rounded up to whole CPUs
+        if name.startswith("GRAFT_") and isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    assert env.get("GRAFT_CPUS"), "the Deployment must pass its CPU limit as GRAFT_CPUS"
+    settings = Settings.from_env()
+    assert settings.workers * settings.ort_threads <= limit, (settings.workers, settings.ort_threads, limit)
+    assert settings.workers * settings.ort_threads >= limit, "ONNX Runtime would leave CPUs of the limit idle"
+    assert settings.decode_threads <= max(2, limit // settings.workers)
 
 
 def test_service_hpa_and_pdb_select_the_deployment(rendered: dict[str, Any]) -> None:

@@ -51,3 +51,33 @@ def test_graft_tracing_0_forces_it_off(clean_env) -> None:
 
     clean_env.setenv("GRAFT_TRACING", "0")
     assert disable_idle_tracing() is True and os.environ["OTEL_SDK_DISABLED"] == "true"
+
+
+@pytest.mark.parametrize(
+    ("env", "workers", "ort_threads"),
+    [
+        ({"GRAFT_CPUS": "1"}, 1, 1),
+        ({"GRAFT_CPUS": "2"}, 2, 1),
+        ({"GRAFT_CPUS": "1.5"}, 2, 1),  # a fractional limit rounds up, like the kubelet's
+        ({"GRAFT_CPUS": "16"}, 4, 4),  # at most 4 workers: each holds every model
+        ({"GRAFT_CPUS": "2", "GRAFT_WORKERS": "1"}, 1, 2),
+        ({"GRAFT_CPUS": "4", "GRAFT_WORKERS": "auto", "GRAFT_ORT_THREADS": "3"}, 4, 3),
+    ],
+)
+def test_workers_and_threads_follow_the_cpus(monkeypatch, env, workers, ort_threads) -> None:
+    from service.config import Settings
+
+    for name in ("GRAFT_CPUS", "GRAFT_WORKERS", "GRAFT_ORT_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    s = Settings.from_env()
+    assert (s.workers, s.ort_threads) == (workers, ort_threads)
+
+
+def test_bad_cpu_count_is_refused_by_name(monkeypatch) -> None:
+    from service.config import Settings
+
+    monkeypatch.setenv("GRAFT_CPUS", "two")
+    with pytest.raises(ValueError, match="GRAFT_CPUS"):
+        Settings.from_env()

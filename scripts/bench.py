@@ -104,51 +104,69 @@ def wrk(url: str, body: bytes, content_type: str, concurrency: int, duration: fl
     }
 
 
-def ceiling(task: str, artifact_dir: Path, payload: bytes, threads: int, seconds: float = 3.0) -> dict[str, Any]:
+class Ceiling:
     """Raw in-process ONNX Runtime, no HTTP: model-only at each batch size, then payload bytes ->
     the service's own preprocessing (`bytes_to_feeds`) -> one ORT run per batch, single-threaded
     Python like a hand-written script. Built from the service's task class, so the work per
-    request is exactly what the server does minus HTTP, batching and (for detection) NMS."""
-    import dataclasses
-    from concurrent.futures import ThreadPoolExecutor
+    request is exactly what the server does minus HTTP, batching and (for detection) NMS.
 
-    import service.tasks  # noqa: F401 (registers the task classes)
-    from service.config import Settings
-    from service.served import TASKS
+    The end-to-end rate is sampled again in every round of every load point (`sample`), between
+    the servers' turns, so that it sees the same spells of a shared machine as they do."""
 
-    settings = dataclasses.replace(Settings.from_env(), ort_threads=threads)
-    pool = ThreadPoolExecutor(1)
-    model = TASKS[task](load_artifact(artifact_dir), settings, infer_executor=pool, cpu_executor=pool)
-    feeds1 = model.bytes_to_feeds([payload])
-    model_only = {}
-    for bs in (1, 4, 16, 32, 64):
-        batch = {k: np.repeat(v, bs, axis=0) for k, v in feeds1.items()}
-        model.run_feeds(batch)
-        runs, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 2:
-            model.run_feeds(batch)
-            runs += 1
-        model_only[bs] = round(runs * bs / (time.perf_counter() - start), 1)
-    best_bs = max(model_only, key=model_only.get)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        model.run_feeds(model.bytes_to_feeds([payload] * best_bs))
-        n += best_bs
-    e2e = n / (time.perf_counter() - start)
-    lat = []
-    for _ in range(100 if task == "object-detection" else 200):
-        t0 = time.perf_counter()
-        model.run_feeds(model.bytes_to_feeds([payload]))
-        lat.append((time.perf_counter() - t0) * 1000)
-    pool.shutdown()
-    return {
-        "model_only_ips": model_only,
-        "best_batch": best_bs,
-        "model_only_best_ips": model_only[best_bs],
-        "end_to_end_ips": round(e2e, 1),
-        "single_p50_ms": round(statistics.median(lat), 2),
-        "single_p99_ms": round(float(np.percentile(lat, 99)), 2),
-    }
+    def __init__(self, task: str, artifact_dir: Path, payload: bytes, threads: int, seconds: float = 3.0) -> None:
+        import dataclasses
+        from concurrent.futures import ThreadPoolExecutor
+
+        import service.tasks  # noqa: F401 (registers the task classes)
+        from service.config import Settings
+        from service.served import TASKS
+
+        settings = dataclasses.replace(Settings.from_env(), ort_threads=threads)
+        self.pool = ThreadPoolExecutor(1)
+        self.task, self.payload = task, payload
+        self.model = TASKS[task](
+            load_artifact(artifact_dir), settings, infer_executor=self.pool, cpu_executor=self.pool
+        )
+        feeds1 = self.model.bytes_to_feeds([payload])
+        model_only = {}
+        for bs in (1, 4, 16, 32, 64):
+            batch = {k: np.repeat(v, bs, axis=0) for k, v in feeds1.items()}
+            self.model.run_feeds(batch)
+            runs, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / 2:
+                self.model.run_feeds(batch)
+                runs += 1
+            model_only[bs] = round(runs * bs / (time.perf_counter() - start), 1)
+        self.best_bs = max(model_only, key=model_only.get)
+        lat = []
+        for _ in range(100 if task == "object-detection" else 200):
+            t0 = time.perf_counter()
+            self.model.run_feeds(self.model.bytes_to_feeds([payload]))
+            lat.append((time.perf_counter() - t0) * 1000)
+        self.samples: list[float] = [self.sample(seconds)]
+        self.result: dict[str, Any] = {
+            "model_only_ips": model_only,
+            "best_batch": self.best_bs,
+            "model_only_best_ips": model_only[self.best_bs],
+            "single_p50_ms": round(statistics.median(lat), 2),
+            "single_p99_ms": round(float(np.percentile(lat, 99)), 2),
+        }
+        self.summarise()
+
+    def sample(self, seconds: float) -> float:
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            self.model.run_feeds(self.model.bytes_to_feeds([self.payload] * self.best_bs))
+            n += self.best_bs
+        return n / (time.perf_counter() - start)
+
+    def summarise(self) -> dict[str, Any]:
+        self.result["end_to_end_ips"] = round(statistics.median(self.samples), 1)
+        self.result["end_to_end_samples"] = [round(x, 1) for x in self.samples]
+        return self.result
+
+    def close(self) -> None:
+        self.pool.shutdown()
 
 
 def worker_rss_mb(server: BentoServer) -> float:
@@ -351,13 +369,15 @@ def run_all(args: argparse.Namespace, registry: Path, served: dict[str, str], en
         "rss_mb_idle": {},
         "rss_mb": {},
     }
+    ceilings: dict[str, Ceiling] = {}
     for route in endpoints:
         task = ENDPOINTS[route]
         print(f"[bench] ceiling for {route} (in-process ONNX Runtime)...", file=sys.stderr)
+        ceilings[route] = Ceiling(task, registry / task / served[task], bodies[route][2], threads=cpus)
         results["endpoints"][route] = {
             "task": task,
             "payload": bodies[route][3],
-            "ceiling": ceiling(task, registry / task / served[task], bodies[route][2], threads=cpus),
+            "ceiling": ceilings[route].result,
             "runs": {},
         }
     servers: dict[str, Any] = {}
@@ -385,8 +405,10 @@ def run_all(args: argparse.Namespace, registry: Path, served: dict[str, str], en
                 for _ in range(args.rounds):
                     for label in targets:
                         rounds[label].append(wrk(servers[label].url + "/" + route, body, ctype, c, seconds))
+                    ceilings[route].samples.append(ceilings[route].sample(seconds))
                 for label in targets:
                     results["endpoints"][route]["runs"].setdefault(label, []).append(median_point(rounds[label]))
+            ceilings[route].summarise()
         for label, srv in servers.items():
             if label.startswith("graft"):
                 results["rss_mb"][label] = worker_rss_mb(srv)
@@ -399,6 +421,8 @@ def run_all(args: argparse.Namespace, registry: Path, served: dict[str, str], en
     finally:
         for srv in servers.values():
             srv.stop()
+        for ceil in ceilings.values():
+            ceil.close()
     return results
 
 
@@ -505,7 +529,10 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             "|---" * (len(c["model_only_ips"]) + 1) + "|",
             "| model only, items/s | " + " | ".join(f"{v:,.1f}" for v in c["model_only_ips"].values()) + " |",
             "",
-            f"End to end in-process at batch {c['best_batch']}: **{c['end_to_end_ips']:,.1f} items/s**. "
+            f"End to end in-process at batch {c['best_batch']}: **{c['end_to_end_ips']:,.1f} items/s** (median of "
+            f"{len(c.get('end_to_end_samples', [1]))} samples taken between the servers' turns, range "
+            f"{min(c.get('end_to_end_samples', [c['end_to_end_ips']])):,.0f}-"
+            f"{max(c.get('end_to_end_samples', [c['end_to_end_ips']])):,.0f}). "
             f"One item at batch 1: p50 {c['single_p50_ms']} ms, p99 {c['single_p99_ms']} ms.",
             "",
             "| server | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors |",

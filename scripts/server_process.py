@@ -46,6 +46,7 @@ class BentoServer:
         self.log_path = log_path or Path(tempfile.gettempdir()) / f"graft-serve-{self.port}.log"
         self.python = python or sys.executable
         self.proc: subprocess.Popen[bytes] | None = None
+        self.startup_s = 0.0  # from launching `bentoml serve` to the first /readyz 200
 
     def start(self) -> BentoServer:
         env = {
@@ -59,10 +60,12 @@ class BentoServer:
         bentoml = str(Path(self.python).parent / "bentoml")
         cmd = [bentoml, "serve", "service:Graft", "--host", "127.0.0.1", "--port", str(self.port)]
         self._log = open(self.log_path, "wb")
+        t0 = time.monotonic()
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.wait_ready()
+        self.startup_s = time.monotonic() - t0
         return self
 
     def wait_ready(self, timeout: float | None = None) -> float:

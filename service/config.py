@@ -71,10 +71,11 @@ def workers_for(cpus: int) -> int:
     """The default worker count: one per CPU, at most MAX_AUTO_WORKERS.
 
     Measured on 2 CPUs (docs/BENCHMARKS.md): 2 workers with one ONNX Runtime thread each served
-    /classify, /sentiment and /detect 30-60% faster at concurrency 4-64 than 1 worker with two
-    threads, at the same latency alone: a worker's event loop, decoding and postprocessing share
-    one GIL, and a second process runs them side by side. Each worker holds every model
-    (~430 MB RSS for the three default ones), hence the cap.
+    /classify 36-76% and /sentiment 10-26% more requests per second at concurrency 4-64 than
+    1 worker with two threads (/detect, whose time is mostly in ONNX Runtime: -13% to +32%,
+    noise-level): a worker's event loop, decoding and postprocessing share one GIL, and a second
+    process runs them side by side. Each worker holds every model (~430 MB RSS for the three
+    default ones), hence the cap.
     """
     return max(1, min(cpus, MAX_AUTO_WORKERS))
 

@@ -283,6 +283,15 @@ def test_int8_quantization_keeps_accuracy(sentiment_artifact: Path, tmp_path: Pa
     assert batch_dependence(fp32, tok, texts[:32]) <= 1e-5
     assert batch_dependence(int8, tok, texts[:32]) > 1e-4
 
+    # The op-level profile behind docs/sentiment_int8.md: int8 swaps fp32 MatMuls for integer ones.
+    from scripts.bench_sentiment_int8 import GEMM_OPS, op_profile, op_profile_lines
+
+    feeds = [tok(texts[i : i + 32]).feeds(names) for i in range(0, 64, 32)]
+    p32, p8 = op_profile(sentiment_artifact / "model.onnx", feeds, 2), op_profile(tmp_path / "int8.onnx", feeds, 2)
+    assert "MatMul" in p32 and not {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger"}.isdisjoint(p8)
+    assert sum(v for k, v in p32.items() if k in GEMM_OPS) > 0.5 * sum(p32.values())
+    assert "| matrix products (s) |" in "\n".join(op_profile_lines(p32, p8))
+
 
 # ---- over HTTP, through a real `bentoml serve` -------------------------------------------------------
 def _post(server, payload, **kw) -> httpx.Response:

@@ -103,6 +103,29 @@ def test_response_names_the_version_and_request_id(server, image_artifact: Path)
 
 
 @pytest.mark.integration
+def test_other_clients_multipart_encoders_are_understood(server) -> None:
+    """graft parses multipart itself: bodies from urllib3 and aiohttp (not only httpx) must work."""
+    import aiohttp
+    import urllib3
+
+    img = encode(Image.new("RGB", (40, 30), (20, 120, 210)), "JPEG")
+    expected = httpx.post(server.url + "/classify", files={"image": ("x.jpg", img)}, data={"top_k": "2"}).json()
+    body, ctype = urllib3.encode_multipart_formdata({"image": ("x.jpg", img, "image/jpeg"), "top_k": "2"})
+    r = urllib3.PoolManager().request("POST", server.url + "/classify", body=body, headers={"Content-Type": ctype})
+    assert r.status == 200 and json.loads(r.data) == expected
+
+    async def with_aiohttp() -> dict:
+        form = aiohttp.FormData()
+        form.add_field("image", img, filename="x.jpg", content_type="image/jpeg")
+        form.add_field("top_k", "2")
+        async with aiohttp.ClientSession() as session, session.post(server.url + "/classify", data=form) as resp:
+            assert resp.status == 200
+            return await resp.json()
+
+    assert asyncio.run(with_aiohttp()) == expected
+
+
+@pytest.mark.integration
 def test_raw_image_body_answers_like_the_form(server) -> None:
     """`curl --data-binary @x.jpg -H 'Content-Type: image/jpeg' '/classify?top_k=2'` works too."""
     img = encode(Image.new("RGB", (40, 30), (200, 120, 10)), "JPEG")

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from models.errors import InvalidInput
 
 from .batching import QueueFull
-from .middleware import BodySizeLimit, RequestId
+from .middleware import BodySizeLimit, ErrorBarrier, RequestId
 from .reload import Reloader
 from .schemas import (
     ClassifyResponse,
@@ -54,7 +54,9 @@ app = FastAPI(
     redoc_url=None,
     openapi_url=None,  # BentoML serves the merged OpenAPI document at /docs.json
 )
+# Outermost last: RequestId -> ErrorBarrier -> BodySizeLimit -> routes.
 app.add_middleware(BodySizeLimit)
+app.add_middleware(ErrorBarrier)
 app.add_middleware(RequestId)
 
 
@@ -88,13 +90,6 @@ async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-
-@app.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    rid = request.scope.get("graft.request_id", "")
-    return _error(500, f"internal error (request id {rid}); the service is still up")
 
 
 CLASSIFY_OPTIONS = {

@@ -1,8 +1,10 @@
-"""ASGI middlewares: a request id on every request and response, and a request-body size cap."""
+"""ASGI middlewares: a request id on every request and response, a request-body size cap, and a
+barrier that turns an unexpected error into a 500 answer without dropping the connection."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -12,6 +14,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .logs import current_request_id
+
+log = logging.getLogger("graft.http")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 # Request ids need to be unique, not secret: a PRNG seeded from the OS once per process costs
@@ -124,3 +128,46 @@ class BodySizeLimit:
 
 def request_id(scope: dict[str, Any]) -> str:
     return str(scope.get("graft.request_id", ""))
+
+
+class ErrorBarrier:
+    """Answer an unexpected exception with a JSON 500 and keep the connection usable.
+
+    Starlette's catch-all handler sends its 500 and then re-raises, and uvicorn closes the
+    connection of an application that raised: a keep-alive client then finds its next request
+    on that connection reset, a request lost that had nothing wrong with it. Here the error is
+    logged and answered, and the app returns normally.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # half an answer is out: only closing the connection can say it failed
+                raise
+            body = json.dumps(
+                {"error": f"internal error (request id {request_id(scope)}); the service is still up"}
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})

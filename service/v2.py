@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import struct
 from typing import Annotated, Any
 
@@ -101,7 +102,7 @@ def _decode_tensor(t: TensorIn, binary: memoryview, offset: int) -> tuple[np.nda
     """One input tensor as an ndarray (or a list of bytes for BYTES); returns the new offset."""
     if t.datatype not in V2_DTYPES:
         raise InvalidInput(f"input {t.name!r}: unsupported datatype {t.datatype!r} (use one of {sorted(V2_DTYPES)})")
-    count = int(np.prod(t.shape)) if t.shape else 1
+    count = math.prod(t.shape)  # exact: np.prod wraps around past 2**63 and a huge shape "fits" no data
     size = (t.parameters or {}).get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
@@ -115,7 +116,7 @@ def _decode_tensor(t: TensorIn, binary: memoryview, offset: int) -> tuple[np.nda
             assert dtype is not None
             if size != count * dtype.itemsize:
                 raise InvalidInput(f"input {t.name!r}: {size} bytes do not hold shape {t.shape} of {t.datatype}")
-            return np.frombuffer(raw, dtype=dtype).reshape(t.shape), offset
+            return _finite(t, np.frombuffer(raw, dtype=dtype).reshape(t.shape)), offset
     else:
         if t.data is None:
             raise InvalidInput(f"input {t.name!r}: no data and no binary_data_size")
@@ -128,16 +129,28 @@ def _decode_tensor(t: TensorIn, binary: memoryview, offset: int) -> tuple[np.nda
             if isinstance(v, bytes):
                 out.append(v)
             elif isinstance(v, str):
-                out.append(v.encode("utf-8"))
+                try:
+                    out.append(v.encode("utf-8"))
+                except UnicodeEncodeError as e:
+                    raise InvalidInput(f"input {t.name!r}: a BYTES string holds an unpaired UTF-16 surrogate") from e
             else:
                 raise InvalidInput(f"input {t.name!r}: BYTES elements must be strings")
         return out, offset
     dtype = V2_DTYPES[t.datatype]
     try:
-        arr = np.asarray(values, dtype=dtype)
-    except (TypeError, ValueError) as e:
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range floats become inf: refused below
+            arr = np.asarray(values, dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as e:
         raise InvalidInput(f"input {t.name!r}: values are not {t.datatype}: {e}") from e
-    return arr.reshape(t.shape), offset
+    return _finite(t, arr.reshape(t.shape)), offset
+
+
+def _finite(t: TensorIn, arr: np.ndarray) -> np.ndarray:
+    """Refuse NaN and infinity in float inputs: no model here means anything by them, and the
+    NaN outputs they cause cannot travel back in JSON."""
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InvalidInput(f"input {t.name!r} holds NaN or infinite values (or numbers too large for {t.datatype})")
+    return arr
 
 
 def _maybe_base64(item: bytes) -> bytes:
@@ -228,8 +241,8 @@ async def infer(model: ServedModel, request: Request) -> Response:
                 isinstance(d, int) and d != s for d, s in zip(spec.shape, arr.shape, strict=False)
             ):
                 raise InvalidInput(f"input {name!r} has shape {list(arr.shape)}; the model takes {spec.shape}")
-            if arr.shape and arr.shape[0] > MAX_V2_BATCH:
-                raise InvalidInput(f"batch of {arr.shape[0]} is over the limit of {MAX_V2_BATCH}")
+            if arr.shape and not 1 <= arr.shape[0] <= MAX_V2_BATCH:
+                raise InvalidInput(f"input {name!r}: a batch of {arr.shape[0]}; send 1 to {MAX_V2_BATCH}")
             feeds[name] = np.ascontiguousarray(arr)
     results = await loop.run_in_executor(model.infer_executor, model.run_feeds, feeds)
 
@@ -265,6 +278,11 @@ async def infer(model: ServedModel, request: Request) -> Response:
             entry["parameters"] = {"binary_data_size": len(payload_bytes)}
             chunks.append(payload_bytes)
         else:
+            if json_data is None and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise InvalidInput(
+                    f"output {o.name!r} holds NaN or infinity for this input, which JSON cannot carry; "
+                    'ask for it with "binary_data": true'
+                )
             entry["data"] = json_data if json_data is not None else arr.reshape(-1).tolist()
         outputs.append(entry)
     response = {"model_name": model.name, "model_version": model.version, "outputs": outputs}

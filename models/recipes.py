@@ -24,6 +24,9 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
             "val_size": 5000,
             "train_limit": None,
             "patience": 2,
+            # Small --data sets: at least this many optimizer steps (Fashion-MNIST runs have more).
+            "min_steps": 150,
+            "max_epochs": 60,
             # Measured next to every run; the manifest says so when fine-tuning does not beat it.
             "baselines": ["linear-probe"],
             "adabn": False,
@@ -46,6 +49,9 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
             "val_size": 1000,
             "train_limit": 5000,
             "patience": 2,
+            # Small --data sets: at least this many optimizer steps (Fashion-MNIST runs have more).
+            "min_steps": 150,
+            "max_epochs": 60,
             # Measured next to every run; the manifest says so when fine-tuning does not beat it.
             "baselines": ["linear-probe"],
             "adabn": False,
@@ -71,6 +77,9 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
             "label_smoothing": 0.0,
             "dropout": 0.1,
             "patience": 1,
+            # Small --data sets: at least this many optimizer steps (the quick recipe has 94).
+            "min_steps": 90,
+            "max_epochs": 30,
             "val_fraction": 0.1,
             "test_fraction": 0.1,
             "irreparable": "strip",
@@ -100,6 +109,9 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
             "label_smoothing": 0.0,
             "dropout": 0.1,
             "patience": 1,
+            # Small --data sets: at least this many optimizer steps (the quick recipe has 94).
+            "min_steps": 90,
+            "max_epochs": 30,
             "val_fraction": 0.1,
             "test_fraction": 0.1,
             "irreparable": "strip",
@@ -133,6 +145,9 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
             "tower_depth": 1,
             "nms_iou": 0.5,
             "patience": 3,
+            # Small --data sets: at least this many optimizer steps (the quick recipe has 124).
+            "min_steps": 120,
+            "max_epochs": 40,
             "train_limit": None,
             "parity_images": 64,
             "demo_data": {"train": 2000, "val": 300, "test": 300, "seed": 0},
@@ -151,6 +166,8 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
             "tower_depth": 1,
             "nms_iou": 0.5,
             "patience": 2,
+            "min_steps": 120,
+            "max_epochs": 40,
             "train_limit": None,
             "parity_images": 32,
             "demo_data": {"train": 1000, "val": 100, "test": 300, "seed": 0},

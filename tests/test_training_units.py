@@ -86,3 +86,51 @@ def test_transfer_study_label_fractions_are_what_they_say() -> None:
     assert len(label_subset(labels, 1.0, seed=1)) == len(labels)
     assert len(label_subset(labels, 1e-6, seed=1)) == 10  # at least one per class
     assert not np.array_equal(label_subset(labels, 0.01, seed=1), label_subset(labels, 0.01, seed=2))
+
+
+def test_small_training_sets_get_enough_steps() -> None:
+    from models.recipes import recipe
+    from scripts.train.common import small_data_schedule
+
+    cfg = {"epochs": 2, "batch_size": 64, "patience": 2, "min_steps": 150, "max_epochs": 60}
+    out, note = small_data_schedule(cfg, 49, epochs_given=False)  # 1 step an epoch
+    assert out["epochs"] == 60 and out["patience"] == 15 and note and "49 examples" in note
+    out, note = small_data_schedule(cfg, 2000, epochs_given=False)  # 32 steps: 5 epochs
+    assert out["epochs"] == 5 and out["patience"] == 2 and note
+    assert small_data_schedule(cfg, 49, epochs_given=True) == (cfg, None)  # --epochs wins
+    assert small_data_schedule({**cfg, "min_steps": 0}, 49, epochs_given=False) == ({**cfg, "min_steps": 0}, None)
+    # The shipped recipes on their own demo data keep their epochs (their results stay valid).
+    for task, name, n_train in [
+        ("image-classification", "default", 55_000),
+        ("image-classification", "quick", 5_000),
+        ("sentiment", "default", 28_545),
+        ("sentiment", "quick", 3_000),
+        ("object-detection", "default", 2_000),
+        ("object-detection", "quick", 1_000),
+    ]:
+        r = recipe(task, name)
+        assert small_data_schedule(r, n_train, epochs_given=False)[1] is None, (task, name)
+
+
+def test_image_folder_leaves_out_unreadable_files(tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    from scripts.train.image_data import load_image_folder
+
+    for cls, colour in (("red", (200, 0, 0)), ("blue", (0, 0, 200))):
+        (tmp_path / cls).mkdir()
+        for i in range(12):
+            buf = io.BytesIO()
+            Image.new("RGB", (20 + i, 16), colour).save(buf, format="PNG")
+            (tmp_path / cls / f"{i}.png").write_bytes(buf.getvalue())
+    good = (tmp_path / "red" / "0.png").read_bytes()
+    (tmp_path / "red" / "cut.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "blue" / "text.jpg").write_bytes(b"not an image")
+    (tmp_path / "blue" / ".hidden.png").write_bytes(good)
+    data = load_image_folder(tmp_path, val_size=2, seed=0)
+    paths = [p.name for s in (data.train, data.val, data.test) for p in s.paths or []]
+    assert len(paths) == 24 and not {"cut.png", "text.jpg", ".hidden.png"} & set(paths)
+    assert "2 unreadable file(s) left out" in data.description
+    assert "red/cut.png" in data.description and "blue/text.jpg" in data.description

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -389,3 +390,26 @@ def dump_json(obj: Any, path: Path) -> None:
 
 
 __all__ = ["MANIFEST"]
+
+
+def small_data_schedule(cfg: dict[str, Any], n_train: int, *, epochs_given: bool) -> tuple[dict[str, Any], str | None]:
+    """More epochs for a small training set, so that it still gets `min_steps` optimizer steps.
+
+    A recipe's epoch count is tuned on its demo data (tens of thousands of examples); a team's
+    80 reviews or 50 photos would get two or three steps from it, and a one-cycle schedule that
+    rises and falls within them learns nothing. Capped at `max_epochs`; patience grows with the
+    epochs so that early stopping does not end the run after a noisy epoch. An explicit
+    --epochs is kept as given.
+    """
+    min_steps = int(cfg.get("min_steps") or 0)
+    steps = max(1, math.ceil(n_train / cfg["batch_size"]))
+    want = min(int(cfg.get("max_epochs") or 50), math.ceil(min_steps / steps))
+    if epochs_given or want <= cfg["epochs"]:
+        return cfg, None
+    patience = max(int(cfg["patience"]), want // 4)
+    note = (
+        f"small training set: {n_train} examples are {steps} step(s) an epoch, so {want} epochs instead of the "
+        f"recipe's {cfg['epochs']} (at least {min_steps} steps, at most {cfg.get('max_epochs') or 50} epochs); "
+        f"early stopping after {patience} epochs without a validation gain"
+    )
+    return {**cfg, "epochs": want, "patience": patience}, note

@@ -78,6 +78,7 @@ from .common import (
     plot_history,
     progress,
     set_seed,
+    small_data_schedule,
     timed,
     write_model_card,
 )
@@ -611,7 +612,12 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
         f"{len(data.train)} ({data.train.objects}), val {len(data.val)} ({data.val.objects}), "
         f"test {len(data.test)} ({data.test.objects})"
     )
+    cfg, schedule_note = small_data_schedule(cfg, len(data.train), epochs_given=args.epochs is not None)
+    if schedule_note:
+        log(schedule_note)
     model, base_info, notes = build_model(args, cfg, data.labels, init)
+    if schedule_note:
+        notes.append(schedule_note)
     spec = ImagePreprocessing(height=model.cfg.height, width=model.cfg.width, resize="letterbox")
     pre = ImagePreprocessor(spec)
     cut = trainable_cut(cfg["strategy"], cfg["trainable_blocks"])

@@ -55,6 +55,7 @@ from .common import (
     require_parity,
     run_batched,
     set_seed,
+    small_data_schedule,
     timed,
     write_model_card,
 )
@@ -444,7 +445,10 @@ def load_init(args: Namespace) -> dict[str, Any]:
 
 def load_data(args: Namespace, cfg: dict[str, Any]) -> ImageDataset:
     if args.data:
-        return load_image_folder(Path(args.data), cfg["val_size"], cfg["seed"], cfg["train_limit"])
+        try:
+            return load_image_folder(Path(args.data), cfg["val_size"], cfg["seed"], cfg["train_limit"])
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"image data: {e}") from e
     return load_fashion_mnist(cfg["val_size"], cfg["seed"], cfg["train_limit"])
 
 
@@ -459,6 +463,9 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
         f"dataset {data.name}: {len(data.labels)} classes, train {len(data.train)}, val {len(data.val)}, "
         f"test {len(data.test)}"
     )
+    cfg, schedule_note = small_data_schedule(cfg, len(data.train), epochs_given=args.epochs is not None)
+    if schedule_note:
+        log(schedule_note)
     spec = ImagePreprocessing(height=cfg["image_size"], width=cfg["image_size"])
     pre = ImagePreprocessor(spec)
     init = load_init(args) if args.init_from else None
@@ -585,7 +592,7 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
                 },
                 history=history,
                 init_from=init["ref"] if init else None,
-                notes=[n for n in (init_note,) if n],
+                notes=[n for n in (init_note, schedule_note) if n],
             ),
             metrics=Metrics(
                 split="test",

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from models.preprocess import DecodeLimits, ImagePreprocessor
+from models.errors import InvalidInput
+from models.preprocess import DecodeLimits, ImagePreprocessor, decode_image
 
-from .common import hash_arrays, progress
+from .common import hash_arrays, log, progress
 
 FASHION_MNIST_DIRS = (
     os.environ.get("GRAFT_FASHION_MNIST", ""),
@@ -136,15 +137,32 @@ def load_fashion_mnist(val_size: int, seed: int, train_limit: int | None = None)
     )
 
 
-def _scan_class_folders(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
+def readable_image(path: Path) -> str | None:
+    """None when the serving decoder reads the file, else why not. JPEGs are decoded at a
+    reduced scale (the whole compressed stream is still read, so truncation shows)."""
+    try:
+        decode_image(path.read_bytes(), DecodeLimits(), draft_size=(32, 32))
+    except (InvalidInput, OSError) as e:
+        return str(e)
+    return None
+
+
+def _scan_class_folders(root: Path, skipped: list[str]) -> tuple[list[str], list[Path], np.ndarray]:
+    """Class names, image paths and labels under root/<class>/...; hidden files are ignored and
+    files the serving decoder cannot read are left out and listed in `skipped`."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     paths: list[Path] = []
     labels: list[int] = []
     for ci, c in enumerate(classes):
         for p in sorted((root / c).rglob("*")):
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-                paths.append(p)
-                labels.append(ci)
+            if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file() or p.name.startswith("."):
+                continue
+            problem = readable_image(p)
+            if problem:
+                skipped.append(f"{p.relative_to(root)} ({problem})")
+                continue
+            paths.append(p)
+            labels.append(ci)
     return classes, paths, np.asarray(labels, dtype=np.int64)
 
 
@@ -153,12 +171,13 @@ def load_image_folder(root: Path, val_size: int, seed: int, train_limit: int | N
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {root}: not a directory")
+    skipped: list[str] = []
     if (root / "train").is_dir():
-        classes, tr_paths, tr_y = _scan_class_folders(root / "train")
+        classes, tr_paths, tr_y = _scan_class_folders(root / "train", skipped)
         splits = {}
         for split in ("val", "test"):
             if (root / split).is_dir():
-                c2, p2, y2 = _scan_class_folders(root / split)
+                c2, p2, y2 = _scan_class_folders(root / split, skipped)
                 remap = np.asarray([classes.index(c) if c in classes else -1 for c in c2])
                 if (remap < 0).any():
                     raise ValueError(f"{root / split} has classes missing from train: {set(c2) - set(classes)}")
@@ -172,13 +191,15 @@ def load_image_folder(root: Path, val_size: int, seed: int, train_limit: int | N
             train, splits["test"] = train.subset(keep), train.subset(hold)
         val, test = splits["val"], splits["test"]
     else:
-        classes, paths, y = _scan_class_folders(root)
+        classes, paths, y = _scan_class_folders(root, skipped)
         full = ImageSplit(labels=y, paths=paths)
         rest, test_idx = stratified_split(y, max(1, len(y) // 10), seed + 2)
         test = full.subset(test_idx)
         rest_split = full.subset(rest)
         keep, hold = stratified_split(rest_split.labels, max(1, min(val_size, len(rest) // 9)), seed)
         train, val = rest_split.subset(keep), rest_split.subset(hold)
+    if skipped:
+        log(f"left out {len(skipped)} unreadable image file(s): " + "; ".join(skipped[:5]))
     if len(classes) < 2:
         raise ValueError(f"--data {root}: need at least 2 class folders, found {classes}")
     if len(train) == 0:
@@ -195,7 +216,8 @@ def load_image_folder(root: Path, val_size: int, seed: int, train_limit: int | N
         val=val,
         test=test,
         sha256=hash_arrays(names, sizes),
-        description=f"ImageFolder {root}",
+        description=f"ImageFolder {root}"
+        + (f"; {len(skipped)} unreadable file(s) left out: {'; '.join(skipped[:20])}" if skipped else ""),
     )
 
 

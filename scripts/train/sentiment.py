@@ -58,6 +58,7 @@ from .common import (
     progress,
     require_parity,
     set_seed,
+    small_data_schedule,
     timed,
     write_model_card,
 )
@@ -455,6 +456,10 @@ def _run(
     )
 
     notes = list(data.notes)
+    cfg, schedule_note = small_data_schedule(cfg, len(data.train), epochs_given=args.epochs is not None)
+    if schedule_note:
+        log(schedule_note)
+        notes.append(schedule_note)
     encoder_source = backbone.source
     adaptation: dict[str, Any] | None = None
     if getattr(args, "adapt_on", None):

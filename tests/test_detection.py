@@ -29,6 +29,32 @@ def _tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def test_coco_loader_skips_what_it_cannot_use_and_says_so(tmp_path: Path, capsys) -> None:
+    data = generate(tmp_path / "d", DemoSpec(train=8, val=2, test=2, seed=5), show_progress=False)
+    doc = json.loads((data / "train.json").read_text())
+    n_objects = len(doc["annotations"])
+    doc["annotations"][0]["bbox"] = [10, 10, float("nan"), 5]  # NaN would poison the loss
+    doc["annotations"][1]["bbox"] = [10, 10]
+    for im in doc["images"]:  # some exporters leave the size out
+        im.pop("width")
+        im.pop("height")
+    broken = doc["images"][1]
+    (data / "images" / "train" / Path(broken["file_name"]).name).write_bytes(b"not an image")
+    lost = sum(1 for a in doc["annotations"][2:] if a["image_id"] == broken["id"])
+    (data / "train.json").write_text(json.dumps(doc))
+    _, split = load_coco(data / "train.json", "train")
+    out = capsys.readouterr().err + capsys.readouterr().out
+    assert len(split) == 7 and split.objects == n_objects - 2 - lost
+    assert all(np.isfinite(im.boxes).all() for im in split.images)
+    assert all((im.width, im.height) == Image.open(im.path).size for im in split.images)
+    assert "2 annotation(s) whose bbox is not 4 finite numbers" in out and "1 unreadable image" in out
+    # Every image missing is a wrong folder layout, not bad luck: an error naming where it looked.
+    for f in (data / "images" / "train").iterdir():
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="8 of 8 images not found; first: .*looked in"):
+        load_coco(data / "train.json", "train")
+
+
 def test_generator_is_deterministic_and_sane(tmp_path: Path) -> None:
     spec = DemoSpec(train=6, val=2, test=3, seed=5)
     a = _tree(generate(tmp_path / "a", spec, show_progress=False))

@@ -16,13 +16,16 @@ image pixels and become x1,y1,x2,y2 here.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .common import hash_arrays, log
+from .image_data import readable_image
 
 SPLITS = ("train", "val", "test")
 
@@ -95,16 +98,42 @@ def load_coco(json_path: Path, split: str = "train") -> tuple[list[str], Detecti
         raise ValueError(f"{json_path}: category names are not unique: {names}")
     cat_index = {c["id"]: i for i, c in enumerate(cats)}
     per_image: dict[Any, list[tuple[list[float], int]]] = {}
+    malformed: list[str] = []
     for a in doc.get("annotations", []):
         if a.get("iscrowd", 0):
             continue
-        if a["category_id"] not in cat_index:
-            raise ValueError(f"{json_path}: annotation {a.get('id')} has unknown category_id {a['category_id']}")
-        per_image.setdefault(a["image_id"], []).append((a["bbox"], cat_index[a["category_id"]]))
+        if a.get("category_id") not in cat_index:
+            raise ValueError(f"{json_path}: annotation {a.get('id')} has unknown category_id {a.get('category_id')}")
+        box = _box(a.get("bbox"))
+        if box is None:
+            malformed.append(str(a.get("id")))
+            continue
+        per_image.setdefault(a.get("image_id"), []).append((box, cat_index[a["category_id"]]))
+    if malformed:
+        log(
+            f"{json_path.name}: skipped {len(malformed)} annotation(s) whose bbox is not 4 finite numbers "
+            f"[x, y, width, height] (ids {', '.join(malformed[:10])})"
+        )
     split_out = DetectionSplit()
     dropped = 0
+    unreadable: list[str] = []
+    missing: list[FileNotFoundError] = []
     for im in sorted(doc["images"], key=lambda i: i["id"]):
-        w, h = int(im["width"]), int(im["height"])
+        try:
+            path = _resolve_image(json_path, im["file_name"], split)
+        except FileNotFoundError as e:
+            missing.append(e)
+            unreadable.append(f"{im['file_name']} (not found)")
+            continue
+        problem = readable_image(path)
+        if problem:
+            unreadable.append(f"{im['file_name']} ({problem})")
+            continue
+        if im.get("width") and im.get("height"):
+            w, h = int(im["width"]), int(im["height"])
+        else:  # some exporters leave the size out: read it from the file's header
+            with Image.open(path) as header:
+                w, h = header.size
         boxes, labels = [], []
         for (x, y, bw, bh), c in per_image.get(im["id"], []):
             x1, y1 = max(0.0, float(x)), max(0.0, float(y))
@@ -116,7 +145,7 @@ def load_coco(json_path: Path, split: str = "train") -> tuple[list[str], Detecti
             labels.append(c)
         split_out.images.append(
             DetectionImage(
-                path=_resolve_image(json_path, im["file_name"], split),
+                path=path,
                 width=w,
                 height=h,
                 boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
@@ -125,7 +154,22 @@ def load_coco(json_path: Path, split: str = "train") -> tuple[list[str], Detecti
         )
     if dropped:
         log(f"{json_path.name}: skipped {dropped} degenerate box(es) (under 1 pixel after clipping)")
+    if missing and len(missing) * 2 > len(doc["images"]):  # most missing: the layout is wrong, say where we looked
+        raise FileNotFoundError(f"{len(missing)} of {len(doc['images'])} images not found; first: {missing[0]}")
+    if unreadable:
+        log(f"{json_path.name}: left out {len(unreadable)} unreadable image(s): " + "; ".join(unreadable[:5]))
     return names, split_out
+
+
+def _box(bbox: Any) -> list[float] | None:
+    """A COCO [x, y, width, height] as 4 finite floats, or None."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None
+    try:
+        out = [float(v) for v in bbox]
+    except (TypeError, ValueError):
+        return None
+    return out if all(math.isfinite(v) for v in out) else None
 
 
 def _split_file(folder: Path, split: str) -> Path | None:

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from models.errors import InvalidInput
 
 from .batching import QueueFull
-from .middleware import BodySizeLimit, ErrorBarrier, RequestId
+from .middleware import BodySizeLimit, RequestId
 from .reload import Reloader
 from .schemas import (
     ClassifyResponse,
@@ -54,9 +54,8 @@ app = FastAPI(
     redoc_url=None,
     openapi_url=None,  # BentoML serves the merged OpenAPI document at /docs.json
 )
-# Outermost last: RequestId -> ErrorBarrier -> BodySizeLimit -> routes.
+# Outermost last: RequestId (and the error barrier) -> BodySizeLimit -> routes.
 app.add_middleware(BodySizeLimit)
-app.add_middleware(ErrorBarrier)
 app.add_middleware(RequestId)
 
 

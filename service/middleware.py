@@ -1,5 +1,5 @@
-"""ASGI middlewares: a request id on every request and response, a request-body size cap, and a
-barrier that turns an unexpected error into a 500 answer without dropping the connection."""
+"""ASGI middlewares: a request id on every request and response (which also turns an unexpected
+error into a 500 answer without dropping the connection), and a request-body size cap."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def new_request_id() -> str:
 
 
 class RequestId:
-    """Take X-Request-ID from the client when it is sane, else make one; echo it back."""
+    """Take X-Request-ID from the client when it is sane, else make one; echo it back. Also the
+    error barrier: an unexpected exception becomes a JSON 500 without dropping the connection."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -47,15 +48,28 @@ class RequestId:
         rid = rid or new_request_id()
         scope["graft.request_id"] = rid
         current_request_id.set(rid)
+        started = False
 
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", rid.encode()))
                 message["headers"] = headers
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # The error barrier: Starlette's catch-all handler answers 500 and then re-raises, and
+            # under `bentoml serve` a raising app gets its connection torn down, so a keep-alive
+            # client's next, innocent request on it was reset. Log, answer, return normally.
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # half an answer is out: only closing the connection can say it failed
+                raise
+            await send_with_id(internal_error(rid))
+            await send_with_id({"type": "http.response.body", "body": _error_body(rid)})
 
 
 class BodyTooLarge(HTTPException):
@@ -130,44 +144,13 @@ def request_id(scope: dict[str, Any]) -> str:
     return str(scope.get("graft.request_id", ""))
 
 
-class ErrorBarrier:
-    """Answer an unexpected exception with a JSON 500 and keep the connection usable.
+def _error_body(rid: str) -> bytes:
+    return json.dumps({"error": f"internal error (request id {rid}); the service is still up"}).encode()
 
-    Starlette's catch-all handler sends its 500 and then re-raises, and uvicorn closes the
-    connection of an application that raised: a keep-alive client then finds its next request
-    on that connection reset, a request lost that had nothing wrong with it. Here the error is
-    logged and answered, and the app returns normally.
-    """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except Exception:
-            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            if started:  # half an answer is out: only closing the connection can say it failed
-                raise
-            body = json.dumps(
-                {"error": f"internal error (request id {request_id(scope)}); the service is still up"}
-            ).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+def internal_error(rid: str) -> Message:
+    return {
+        "type": "http.response.start",
+        "status": 500,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(_error_body(rid))).encode())],
+    }

@@ -1,4 +1,4 @@
-"""service/middleware.py's ErrorBarrier under a real uvicorn on loopback, and the v2 tensor
+"""service/middleware.py's error barrier (in RequestId) under a real uvicorn on loopback, and the v2 tensor
 decoding that hostile KServe requests reach."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from models.errors import InvalidInput
 from scripts.server_process import free_port
-from service.middleware import ErrorBarrier
+from service.middleware import RequestId
 from service.v2 import TensorIn, _decode_tensor
 
 
@@ -32,7 +32,7 @@ async def _fine(_request):
 @pytest.fixture
 def barrier_server() -> Iterator[str]:
     app = Starlette(routes=[Route("/boom", _boom), Route("/fine", _fine)])
-    app.add_middleware(ErrorBarrier)
+    app.add_middleware(RequestId)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -54,7 +54,7 @@ def test_an_unexpected_error_answers_500_and_keeps_the_connection(barrier_server
         for _ in range(3):
             r = client.get("/boom")
             assert r.status_code == 500
-            assert "internal error" in r.json()["error"]
+            assert "internal error" in r.json()["error"] and r.headers["x-request-id"] in r.json()["error"]
             assert r.headers.get("connection", "").lower() != "close"
             ok = client.get("/fine")
             assert ok.status_code == 200 and ok.json() == {"ok": True}

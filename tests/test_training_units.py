@@ -134,3 +134,23 @@ def test_image_folder_leaves_out_unreadable_files(tmp_path: Path) -> None:
     assert len(paths) == 24 and not {"cut.png", "text.jpg", ".hidden.png"} & set(paths)
     assert "2 unreadable file(s) left out" in data.description
     assert "red/cut.png" in data.description and "blue/text.jpg" in data.description
+
+
+def test_input_size_follows_the_images(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from scripts.train.image_data import input_size_for
+
+    def folder(name: str, sizes: list[tuple[int, int]]) -> list[Path]:
+        paths = []
+        for i, wh in enumerate(sizes):
+            p = tmp_path / f"{name}{i}.png"
+            Image.new("RGB", wh).save(p)
+            paths.append(p)
+        return paths
+
+    assert input_size_for(folder("mnist", [(28, 28)] * 5)) == (64, 28)  # never below 64
+    assert input_size_for(folder("scan", [(150, 120), (160, 130), (170, 140)])) == (128, 130)
+    assert input_size_for(folder("photo", [(4000, 3000), (640, 480), (800, 600)])) == (224, 600)
+    (tmp_path / "junk0.png").write_bytes(b"not an image")
+    assert input_size_for([tmp_path / "junk0.png"]) == (64, 64)

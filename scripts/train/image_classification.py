@@ -59,7 +59,7 @@ from .common import (
     timed,
     write_model_card,
 )
-from .image_data import ImageDataset, load_fashion_mnist, load_image_folder, to_tensors
+from .image_data import ImageDataset, input_size_for, load_fashion_mnist, load_image_folder, to_tensors
 
 STRATEGIES = ("feature-extraction", "partial", "full")
 
@@ -466,6 +466,16 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
     cfg, schedule_note = small_data_schedule(cfg, len(data.train), epochs_given=args.epochs is not None)
     if schedule_note:
         log(schedule_note)
+    size_note = None
+    if args.data and args.image_size is None and data.train.paths:
+        size, median = input_size_for(data.train.paths)
+        if size != cfg["image_size"]:
+            size_note = (
+                f"input size {size} px from the training images (median short side {median} px) instead of the "
+                f"recipe's {cfg['image_size']} (tuned for Fashion-MNIST); --image-size sets it"
+            )
+            log(size_note)
+            cfg = {**cfg, "image_size": size}
     spec = ImagePreprocessing(height=cfg["image_size"], width=cfg["image_size"])
     pre = ImagePreprocessor(spec)
     init = load_init(args) if args.init_from else None
@@ -592,7 +602,7 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
                 },
                 history=history,
                 init_from=init["ref"] if init else None,
-                notes=[n for n in (init_note, schedule_note) if n],
+                notes=[n for n in (init_note, schedule_note, size_note) if n],
             ),
             metrics=Metrics(
                 split="test",

@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="text: continue masked-LM pretraining on unlabelled in-domain text (.txt lines, CSV/JSONL `text`) "
         "before fine-tuning",
     )
+    p.add_argument(
+        "--device",
+        default=os.environ.get("GRAFT_TRAIN_DEVICE") or "auto",
+        help="where to train: auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda, cuda:N or mps; "
+        "evaluation, export and the parity check always run on the CPU (default: $GRAFT_TRAIN_DEVICE or auto)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="the small, fast recipe (tests and demos)")
     p.add_argument("--recipe", help="recipe name (default: 'quick' with --quick, else 'default')")

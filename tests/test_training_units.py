@@ -154,3 +154,44 @@ def test_input_size_follows_the_images(tmp_path: Path) -> None:
     assert input_size_for(folder("photo", [(4000, 3000), (640, 480), (800, 600)])) == (224, 600)
     (tmp_path / "junk0.png").write_bytes(b"not an image")
     assert input_size_for([tmp_path / "junk0.png"]) == (64, 64)
+
+
+def test_training_device_is_chosen_or_refused_plainly(monkeypatch, tmp_path: Path) -> None:
+    import pytest
+
+    from scripts import finetune
+    from scripts.train.common import describe_device, module_device, pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    assert pick_device(None) == torch.device("cpu")
+    assert describe_device(pick_device(" CPU ")) == "cpu"
+    with pytest.raises(SystemExit, match="sees no CUDA GPU"):
+        pick_device("cuda")
+    with pytest.raises(SystemExit, match="use auto, cpu, cuda"):
+        pick_device("gpu0")
+    with pytest.raises(SystemExit, match="trains on cpu, cuda or mps"):
+        pick_device("meta")
+    # The flag reaches the trainers and is refused before any data is read or weights loaded.
+    for task in ("image-classification", "sentiment", "object-detection"):
+        with pytest.raises(SystemExit, match="sees no CUDA GPU"):
+            finetune.main([task, "--quick", "--device", "cuda:0", "--registry", str(tmp_path)])
+    assert not any(tmp_path.rglob("*.onnx"))
+
+    # A machine with one GPU: `cuda` means the current one, an index past the last is refused,
+    # and TF32 is switched off so the float32 parity check compares like with like.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    saved = torch.backends.fp32_precision
+    try:
+        torch.backends.fp32_precision = "tf32"
+        assert pick_device("auto") == torch.device("cuda", 0)
+        assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "ieee"
+    finally:
+        torch.backends.fp32_precision = saved
+    with pytest.raises(SystemExit, match=r"has 1 CUDA GPU\(s\)"):
+        pick_device("cuda:3")
+
+    assert module_device(nn.Sequential()) == torch.device("cpu")
+    assert module_device(nn.Linear(2, 2)) == torch.device("cpu")

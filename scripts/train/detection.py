@@ -72,9 +72,12 @@ from .backbones import load_image_backbone
 from .common import (
     Staging,
     configure_threads,
+    describe_device,
     export_onnx,
     log,
+    module_device,
     ort_session,
+    pick_device,
     plot_history,
     progress,
     set_seed,
@@ -230,9 +233,11 @@ def prepare(
 
 
 def forward_cached(model: Detector, prep: Prepared, idx: torch.Tensor | slice, cut: int):
-    """Dense outputs for cached items: the trainable blocks, neck and head."""
-    taps = {i: prep.cache[i][idx].float() for i in TAPS if i < cut}
-    x = prep.cache[cut - 1 if cut > 0 else -1][idx].float()
+    """Dense outputs for cached items: the trainable blocks, neck and head (where the model lives;
+    the cache stays in host memory)."""
+    device = module_device(model)
+    taps = {i: prep.cache[i][idx].to(device).float() for i in TAPS if i < cut}
+    x = prep.cache[cut - 1 if cut > 0 else -1][idx].to(device).float()
     return model.dense(model.run_blocks(x, cut, taps))
 
 
@@ -245,8 +250,8 @@ def predict_cached(model: Detector, prep: Prepared, cut: int, post: dict[str, An
     for start in range(0, n, 64):
         idx = slice(start, min(n, start + 64))
         cls, box, ctr = forward_cached(model, prep, idx, cut)
-        scores = torch.sqrt(torch.sigmoid(cls) * torch.sigmoid(ctr)[..., None]).numpy()
-        boxes = model.decode_boxes(box).numpy()
+        scores = torch.sqrt(torch.sigmoid(cls) * torch.sigmoid(ctr)[..., None]).cpu().numpy()
+        boxes = model.decode_boxes(box).cpu().numpy()
         for j in range(len(scores)):
             out.append(postprocess(boxes[j], scores[j], geometry=prep.geometries[start + j], **post))
     return out
@@ -292,7 +297,8 @@ def train(
         opt, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=0.1, div_factor=20.0
     )
     post = {"score_threshold": EVAL_SCORE_THRESHOLD, "nms_iou": cfg["nms_iou"], "max_detections": 100}
-    gen = torch.Generator().manual_seed(cfg["seed"])
+    gen = torch.Generator().manual_seed(cfg["seed"])  # on the CPU: the same shuffles on every device
+    device = module_device(model)
     history: list[dict[str, float]] = []
     best_row: dict[str, float] = {"val_map": -1.0, "val_map50": 0.0}
     best_state, stale = copy.deepcopy(model.state_dict()), 0
@@ -305,7 +311,8 @@ def train(
             idx = perm[step * bs : (step + 1) * bs]
             cls, box, ctr = forward_cached(model, train_prep, idx, cut)
             assert train_prep.cls_t is not None and train_prep.box_t is not None
-            loss, parts = detection_loss(model, cls, box, ctr, train_prep.cls_t[idx], train_prep.box_t[idx])
+            cls_t, box_t = train_prep.cls_t[idx].to(device), train_prep.box_t[idx].to(device)
+            loss, parts = detection_loss(model, cls, box, ctr, cls_t, box_t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -602,6 +609,7 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
             "on CPU (ASSETS.md) and static quantization is not calibrated for detection here"
         )
     threads = configure_threads()
+    device = pick_device(getattr(args, "device", "auto"))
     set_seed(cfg["seed"])
     registry = Path(args.registry)
     init = load_init(args.init_from, registry) if args.init_from else None
@@ -628,7 +636,8 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(
         f"detector {model.cfg.width}x{model.cfg.height} letterbox: strategy {cfg['strategy']}, {cut} frozen "
-        f"MobileNetV2 block(s), {n_train:,} of {n_total:,} parameters trainable, {threads} thread(s)"
+        f"MobileNetV2 block(s), {n_train:,} of {n_total:,} parameters trainable, training on "
+        f"{describe_device(device)} (frozen trunk: ONNX Runtime, {threads} CPU thread(s))"
     )
 
     with timed("preprocess + frozen trunk") as t_prep, tempfile.TemporaryDirectory() as tmp:
@@ -637,9 +646,11 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
         val_prep = prepare(data.val, pre, model, cut, trunk, "trunk val", targets=False)
         del trunk
     with timed("train") as t_train:
-        history, best, best_val = train(model, train_prep, val_prep, data.val, data.labels, cut, cfg)
-    model.load_state_dict(best)
+        history, best, best_val = train(model.to(device), train_prep, val_prep, data.val, data.labels, cut, cfg)
+    # Threshold choice, export, evaluation and parity run on the CPU, like the exported model.
+    model.cpu().load_state_dict(best)
     model.eval()
+    del best
     post_eval = {"score_threshold": EVAL_SCORE_THRESHOLD, "nms_iou": cfg["nms_iou"], "max_detections": 100}
     threshold, val_f1 = pick_score_threshold(predict_cached(model, val_prep, cut, post_eval), data.val)
     log(
@@ -737,7 +748,7 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
                     description=data.description,
                 ),
                 wall_time_s=round(time.perf_counter() - started, 1),
-                device="cpu",
+                device=describe_device(device),
                 init_from=init.ref if init else None,
                 config={
                     **cfg,

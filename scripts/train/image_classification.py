@@ -45,10 +45,13 @@ from .common import (
     Staging,
     classification_report,
     configure_threads,
+    describe_device,
     export_onnx,
     log,
+    module_device,
     ort_session,
     parity_report,
+    pick_device,
     plot_confusion,
     plot_history,
     progress,
@@ -81,18 +84,23 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def run_trunk(trunk: nn.Module, x: np.ndarray, desc: str, batch: int = 256) -> torch.Tensor:
-    """Frozen prefix over a whole split, once (channels_last: ~2x faster depthwise convs on CPU)."""
+    """Frozen prefix over a whole split, once (channels_last: ~2x faster depthwise convs on CPU).
+
+    Runs where the trunk lives; the cache is kept in host memory (a GPU holds one batch at a time).
+    """
     trunk.eval()
+    device = module_device(trunk)
     outs = []
     for i in progress(range(0, len(x), batch), desc, total=math.ceil(len(x) / batch), unit="batch"):
-        outs.append(trunk(_channels_last(torch.from_numpy(x[i : i + batch]))))
+        outs.append(trunk(_channels_last(torch.from_numpy(x[i : i + batch]).to(device))).cpu())
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
 @torch.no_grad()
 def predict_logits(top: nn.Module, feats: torch.Tensor, batch: int = 512) -> np.ndarray:
     top.eval()
-    return torch.cat([top(feats[i : i + batch]) for i in range(0, len(feats), batch)]).numpy()
+    device = module_device(top)
+    return torch.cat([top(feats[i : i + batch].to(device)).cpu() for i in range(0, len(feats), batch)]).numpy()
 
 
 class TrainCheckpoint:
@@ -111,12 +119,12 @@ class TrainCheckpoint:
 
         from safetensors.torch import save_file
 
-        tensors = {f"model.{k}": v.detach().contiguous() for k, v in top.state_dict().items()}
-        tensors |= {f"best.{k}": v.detach().contiguous() for k, v in best.items()}
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in top.state_dict().items()}
+        tensors |= {f"best.{k}": v.detach().cpu().contiguous() for k, v in best.items()}
         for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
             buf = opt.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
-                tensors[f"momentum.{i}"] = buf.contiguous()
+                tensors[f"momentum.{i}"] = buf.cpu().contiguous()
         tensors["rng"] = gen.get_state()
         meta = {
             "epoch": epoch,
@@ -141,7 +149,7 @@ class TrainCheckpoint:
         top.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
             if f"momentum.{i}" in tensors:
-                opt.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].clone()
+                opt.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].to(p.device, copy=True)
         sched_state = sched.state_dict()
         sched_state.update(meta["sched"])
         sched.load_state_dict(sched_state)
@@ -174,7 +182,8 @@ def train_top(
         opt, max_lr=[g["lr"] for g in groups], total_steps=cfg["epochs"] * steps_per_epoch, pct_start=0.15
     )
     y = torch.from_numpy(labels.astype(np.int64))
-    gen = torch.Generator().manual_seed(cfg["seed"])
+    gen = torch.Generator().manual_seed(cfg["seed"])  # on the CPU: the same shuffles on every device
+    device = module_device(top)
     history: list[dict[str, float]] = []
     best_acc, best_state, stale = -1.0, copy.deepcopy(top.state_dict()), 0
     ckpt = TrainCheckpoint(Path(cfg["checkpoint_dir"])) if cfg.get("checkpoint_dir") else None
@@ -193,7 +202,8 @@ def train_top(
         bar = progress(range(steps_per_epoch), f"epoch {epoch}/{cfg['epochs']}", total=steps_per_epoch, unit="step")
         for step in bar:
             idx = perm[step * bs : (step + 1) * bs]
-            loss = nn.functional.cross_entropy(top(feats[idx]), y[idx], label_smoothing=cfg["label_smoothing"])
+            logits = top(feats[idx].to(device, non_blocking=True))
+            loss = nn.functional.cross_entropy(logits, y[idx].to(device), label_smoothing=cfg["label_smoothing"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -267,8 +277,9 @@ def adapt_batchnorm(module: nn.Module, x: np.ndarray, batch: int = 256, max_gain
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over all batches
     module.train()
+    device = module_device(module)
     for i in progress(range(0, len(x), batch), "AdaBN", total=math.ceil(len(x) / batch), unit="batch"):
-        module(_channels_last(torch.from_numpy(x[i : i + batch])))
+        module(_channels_last(torch.from_numpy(x[i : i + batch]).to(device)))
     module.eval()
     for bn, (momentum, source_var) in zip(bns, saved, strict=True):
         bn.momentum = momentum
@@ -283,10 +294,12 @@ def fit(
     y_train: np.ndarray,
     y_val: np.ndarray,
     cfg: dict[str, Any],
+    device: torch.device | None = None,
 ) -> Fitted:
-    """Freeze stages[:cut], cache their outputs once, train stages[cut:] on the cache."""
-    trunk = nn.Sequential(*backbone.stages[:cut]).to(memory_format=torch.channels_last)
-    top = nn.Sequential(*backbone.stages[cut:]).to(memory_format=torch.channels_last)
+    """Freeze stages[:cut], cache their outputs once, train stages[cut:] on the cache (on `device`)."""
+    device = device or torch.device("cpu")
+    trunk = nn.Sequential(*backbone.stages[:cut]).to(device, memory_format=torch.channels_last)
+    top = nn.Sequential(*backbone.stages[cut:]).to(device, memory_format=torch.channels_last)
     for p in trunk.parameters():
         p.requires_grad_(False)
     if cfg.get("adabn") and cut > 0:
@@ -312,8 +325,10 @@ def _extend(stages: list[nn.Module], feats: torch.Tensor, batch: int = 512) -> t
     """Run frozen stages over cached features (deeper cut from a shallower cache)."""
     if not stages:
         return feats
-    module = nn.Sequential(*stages).to(memory_format=torch.channels_last).eval()
-    return torch.cat([module(feats[i : i + batch]) for i in range(0, len(feats), batch)])
+    module = nn.Sequential(*stages).eval()
+    device = module_device(module)
+    module.to(device, memory_format=torch.channels_last)
+    return torch.cat([module(feats[i : i + batch].to(device)).cpu() for i in range(0, len(feats), batch)])
 
 
 def auto_sweep(
@@ -325,6 +340,7 @@ def auto_sweep(
     x_val: np.ndarray,
     y_val: np.ndarray,
     cfg: dict[str, Any],
+    device: torch.device | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Try each freeze depth on a small budget; pick the best validation accuracy.
 
@@ -342,19 +358,20 @@ def auto_sweep(
     xv, yv = (x_val[vidx], y_val[vidx]) if vidx is not None else (x_val, y_val)
     sweep_cfg = {**cfg, "epochs": cfg.get("auto_epochs", 2), "patience": 99, "checkpoint_dir": None}
 
+    device = device or torch.device("cpu")
     probe, _ = make_backbone(backbone_name, labels, init)
     cuts = {(s, b): trainable_from(s, probe, b) for s, b in AUTO_CANDIDATES}
     c0 = min(cuts.values())
-    base = nn.Sequential(*probe.stages[:c0]).to(memory_format=torch.channels_last)
+    base = nn.Sequential(*probe.stages[:c0]).to(device, memory_format=torch.channels_last)
     base_train, base_val = run_trunk(base, xt, "auto trunk train"), run_trunk(base, xv, "auto trunk val")
     results = []
     for (strategy, blocks), cut in cuts.items():
         torch.manual_seed(cfg["seed"])
         backbone, _ = make_backbone(backbone_name, labels, init)
         start = time.perf_counter()
-        extra = backbone.stages[c0:cut]
+        extra = [stage.to(device) for stage in backbone.stages[c0:cut]]
         ft, fv = _extend(extra, base_train), _extend(extra, base_val)
-        top = nn.Sequential(*backbone.stages[cut:]).to(memory_format=torch.channels_last)
+        top = nn.Sequential(*backbone.stages[cut:]).to(device, memory_format=torch.channels_last)
         history, _ = train_top(top, backbone.stages[-1], ft, yt, fv, yv, sweep_cfg)
         row = {
             "strategy": strategy,
@@ -376,6 +393,7 @@ def linear_probe_from_cache(
     fitted: Fitted,
     data: ImageDataset,
     cfg: dict[str, Any],
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """The linear-probe baseline (frozen pretrained features + a new head), from the fitted cache.
 
@@ -383,14 +401,15 @@ def linear_probe_from_cache(
     feature blocks run over the cache before a head is trained with the same budget.
     """
     torch.manual_seed(cfg["seed"])
+    device = device or torch.device("cpu")
     fresh, _ = make_backbone(backbone_name, labels, init)
-    rest = nn.Sequential(*fresh.stages[fitted.cut : fresh.feature_blocks]).to(memory_format=torch.channels_last)
-    head = nn.Sequential(*fresh.stages[fresh.feature_blocks :])
+    rest = nn.Sequential(*fresh.stages[fitted.cut : fresh.feature_blocks]).to(device, memory_format=torch.channels_last)
+    head = nn.Sequential(*fresh.stages[fresh.feature_blocks :]).to(device)
 
     @torch.no_grad()
     def through(feats: torch.Tensor) -> torch.Tensor:
         rest.eval()
-        return torch.cat([rest(feats[i : i + 512]) for i in range(0, len(feats), 512)])
+        return torch.cat([rest(feats[i : i + 512].to(device)).cpu() for i in range(0, len(feats), 512)])
 
     p_train, p_val = through(fitted.f_train), through(fitted.f_val)
     history, best = train_top(
@@ -456,6 +475,7 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
     """Train, evaluate, export and publish; returns the artifact folder."""
     started = time.perf_counter()
     threads = configure_threads()
+    device = pick_device(getattr(args, "device", "auto"))
     set_seed(cfg["seed"])
     with timed("load data"):
         data = load_data(args, cfg)
@@ -492,15 +512,21 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
     if cfg["strategy"] == "auto":
         with timed("strategy sweep"):
             choice, sweep = auto_sweep(
-                backbone_name, data.labels, init, x_train, data.train.labels, x_val, data.val.labels, cfg
+                backbone_name, data.labels, init, x_train, data.train.labels, x_val, data.val.labels, cfg, device
             )
         cfg = {**cfg, **choice, "strategy_requested": "auto"}
         log(f"auto chose {choice} (val accuracy {max(r['val_accuracy'] for r in sweep):.4f})")
     cut = trainable_from(cfg["strategy"], backbone, cfg["trainable_blocks"])
-    log(f"{backbone.name}: strategy {cfg['strategy']}, {cut} frozen stage(s), {threads} thread(s)")
+    log(
+        f"{backbone.name}: strategy {cfg['strategy']}, {cut} frozen stage(s), training on {describe_device(device)}"
+        + (f", {threads} thread(s)" if device.type == "cpu" else "")
+    )
     with timed("fit") as t_fit:
-        fitted = fit(backbone, cut, (x_train, x_val, x_test), data.train.labels, data.val.labels, cfg)
-    trunk, top, history = fitted.trunk, fitted.top, fitted.history
+        fitted = fit(backbone, cut, (x_train, x_val, x_test), data.train.labels, data.val.labels, cfg, device)
+    trunk, top, history = fitted.trunk.cpu(), fitted.top.cpu(), fitted.history
+    if device.type != "cpu" and fitted.f_test is not None:
+        # Evaluation and the parity reference come from the CPU, like the exported model's run.
+        fitted.f_test = run_trunk(trunk, x_test, "trunk test (cpu)")
     frozen = [f"stage{i}" for i in range(cut)]
     n_total = sum(p.numel() for p in trunk.parameters()) + sum(p.numel() for p in top.parameters())
     n_train = sum(p.numel() for p in top.parameters())
@@ -515,7 +541,7 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
     guard_notes: list[str] = []
     if "linear-probe" in cfg.get("baselines", []) and cut < backbone.feature_blocks:
         with timed("linear-probe baseline"):
-            probe = linear_probe_from_cache(backbone_name, data.labels, init, fitted, data, cfg)
+            probe = linear_probe_from_cache(backbone_name, data.labels, init, fitted, data, cfg, device)
         baselines["linear-probe"] = probe
         guard_notes = negative_transfer_notes(fitted.best_val, baselines)
         for n in guard_notes:
@@ -588,7 +614,7 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
                     description=data.description,
                 ),
                 wall_time_s=round(time.perf_counter() - started, 1),
-                device="cpu",
+                device=describe_device(device),
                 config={
                     **cfg,
                     "backbone": backbone.name,

@@ -49,10 +49,13 @@ from .common import (
     Staging,
     classification_report,
     configure_threads,
+    describe_device,
     export_onnx,
     log,
+    module_device,
     ort_session,
     parity_report,
+    pick_device,
     plot_confusion,
     plot_history,
     progress,
@@ -209,11 +212,12 @@ class EncodedSplit:
 def predict(model: nn.Module, data: EncodedSplit, batch_size: int = 64, desc: str = "") -> np.ndarray:
     """Logits for a whole split in its original order (batches sorted by length for speed)."""
     model.eval()
+    device = module_device(model)
     out = np.zeros((len(data), model.head.out_features), dtype=np.float32)
     batches = length_batches(data.lengths, batch_size, random.Random(0), shuffle=False)
     it = progress(batches, desc, total=len(batches), unit="batch") if desc else batches
     for idx in it:
-        out[idx] = model(*data.batch(idx)).numpy()
+        out[idx] = model(*(t.to(device) for t in data.batch(idx))).cpu().numpy()
     return out
 
 
@@ -229,6 +233,7 @@ def train(
         groups.append({"params": body, "lr": cfg["lr"], "weight_decay": cfg["weight_decay"]})
     opt = torch.optim.AdamW(groups)
     rng = random.Random(cfg["seed"])
+    device = module_device(model)
     bs = cfg["batch_size"]
     steps_per_epoch = math.ceil(len(train_data) / bs)
     total = steps_per_epoch * cfg["epochs"]
@@ -243,8 +248,8 @@ def train(
         seen, loss_sum = 0, 0.0
         batches = length_batches(train_data.lengths, bs, rng, shuffle=True)
         for idx in progress(batches, f"epoch {epoch}/{cfg['epochs']}", total=len(batches), unit="step"):
-            ids, mask = train_data.batch(idx)
-            y = torch.from_numpy(train_data.labels[idx])
+            ids, mask = (t.to(device, non_blocking=True) for t in train_data.batch(idx))
+            y = torch.from_numpy(train_data.labels[idx]).to(device)
             loss = nn.functional.cross_entropy(model(ids, mask), y, label_smoothing=cfg["label_smoothing"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -278,7 +283,14 @@ def train(
 
 
 # ---- masked-LM adaptation --------------------------------------------------------------------
-def adapt_mlm(source: str, texts: list[str], tok: TextTokenizer, cfg: dict[str, Any], out_dir: Path) -> dict:
+def adapt_mlm(
+    source: str,
+    texts: list[str],
+    tok: TextTokenizer,
+    cfg: dict[str, Any],
+    out_dir: Path,
+    device: torch.device | None = None,
+) -> dict:
     """Continue masked-LM pretraining on unlabelled in-domain text; saves the encoder to out_dir.
 
     BERT masking: 15% of real tokens are chosen; 80% of those become [MASK], 10% a random token,
@@ -288,7 +300,8 @@ def adapt_mlm(source: str, texts: list[str], tok: TextTokenizer, cfg: dict[str, 
     """
     from transformers import AutoModelForMaskedLM
 
-    mlm = AutoModelForMaskedLM.from_pretrained(source, attn_implementation="eager")
+    device = device or torch.device("cpu")
+    mlm = AutoModelForMaskedLM.from_pretrained(source, attn_implementation="eager").to(device)
     mask_id = next((i for i in map(tok.token_id, ("[MASK]", "<mask>")) if i is not None), None)
     if mask_id is None:
         raise SystemExit("--adapt-on needs a tokenizer with a [MASK] or <mask> token")
@@ -327,6 +340,8 @@ def adapt_mlm(source: str, texts: list[str], tok: TextTokenizer, cfg: dict[str, 
         ids[chosen & (roll < 0.8)] = mask_id
         rand_pos = chosen & (roll >= 0.8) & (roll < 0.9)
         ids[rand_pos] = torch.randint(tok.vocab_size, (int(rand_pos.sum()),), generator=gen)
+        # Masking is drawn on the CPU (the same draws on every device); the step runs on `device`.
+        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
         if head is not None:
             # The vocabulary projection only where a token was chosen: ~7x less work than everywhere.
             hidden = mlm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -338,7 +353,7 @@ def adapt_mlm(source: str, texts: list[str], tok: TextTokenizer, cfg: dict[str, 
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    base = mlm.base_model
+    base = mlm.base_model.cpu()
     base.save_pretrained(out_dir)
     k = max(1, len(losses) // 10)
     return {
@@ -402,6 +417,7 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
     if cfg["strategy"] == "auto":
         cfg["strategy"] = "full"  # a 22M-parameter encoder fine-tunes fully on CPU in minutes
     threads = configure_threads()
+    device = pick_device(getattr(args, "device", "auto"))
     set_seed(cfg["seed"])
     with timed("load data") as t_data:
         try:
@@ -427,7 +443,7 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
     backbone = resolve_backbone(args.backbone)
     staging = Staging(Path(args.registry), args.name or "sentiment")
     try:
-        return _run(args, cfg, data, backbone, staging, started, threads, t_data)
+        return _run(args, cfg, data, backbone, staging, started, threads, t_data, device)
     except BaseException:
         staging.discard()
         raise
@@ -442,6 +458,7 @@ def _run(
     started: float,
     threads: int,
     t_data: dict[str, float],
+    device: torch.device,
 ) -> Path:
     spec = TextPreprocessing(max_length=cfg["max_length"])
     write_tokenizer(backbone.source, staging.path(spec.tokenizer_file), spec.max_length)
@@ -473,7 +490,7 @@ def _run(
         adapted_dir = staging.folder.parent / f".adapted-{staging.version}"
         try:
             with timed("masked-LM adaptation") as t_adapt:
-                adaptation = adapt_mlm(backbone.source, texts, tok, cfg, adapted_dir)
+                adaptation = adapt_mlm(backbone.source, texts, tok, cfg, adapted_dir, device)
             adaptation["seconds"] = round(t_adapt["seconds"], 1)
             adaptation["file"] = str(args.adapt_on)
             encoder_source = str(adapted_dir)
@@ -496,13 +513,15 @@ def _run(
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(
         f"{backbone.info.id}: strategy {cfg['strategy']}, {n_train:,} of {n_total:,} parameters trainable, "
-        f"{threads} thread(s)"
+        f"training on {describe_device(device)}" + (f", {threads} thread(s)" if device.type == "cpu" else "")
     )
 
     with timed("train") as t_train:
-        history, best = train(model, train_data, val_data, cfg)
-    model.load_state_dict(best)
+        history, best = train(model.to(device), train_data, val_data, cfg)
+    # Export, parity and evaluation run on the CPU, where ONNX Runtime runs the exported model.
+    model.cpu().load_state_dict(best)
     model.eval()
+    del best
 
     baselines = {"majority_class": majority_baseline(data)}
     if cfg["baselines"]:
@@ -647,7 +666,7 @@ def _run(
                 description=data.description,
             ),
             wall_time_s=round(time.perf_counter() - started, 1),
-            device="cpu",
+            device=describe_device(device),
             config={
                 **cfg,
                 "data": str(args.data) if args.data else None,

@@ -609,8 +609,8 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
             "on CPU (ASSETS.md) and static quantization is not calibrated for detection here"
         )
     threads = configure_threads()
+    set_seed(cfg["seed"])  # first: it sets CUBLAS_WORKSPACE_CONFIG before CUDA starts
     device = pick_device(getattr(args, "device", "auto"))
-    set_seed(cfg["seed"])
     registry = Path(args.registry)
     init = load_init(args.init_from, registry) if args.init_from else None
     with timed("load data"):

@@ -475,8 +475,8 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
     """Train, evaluate, export and publish; returns the artifact folder."""
     started = time.perf_counter()
     threads = configure_threads()
+    set_seed(cfg["seed"])  # first: it sets CUBLAS_WORKSPACE_CONFIG before CUDA starts
     device = pick_device(getattr(args, "device", "auto"))
-    set_seed(cfg["seed"])
     with timed("load data"):
         data = load_data(args, cfg)
     log(

@@ -417,8 +417,8 @@ def run(args: Namespace, cfg: dict[str, Any]) -> Path:
     if cfg["strategy"] == "auto":
         cfg["strategy"] = "full"  # a 22M-parameter encoder fine-tunes fully on CPU in minutes
     threads = configure_threads()
+    set_seed(cfg["seed"])  # first: it sets CUBLAS_WORKSPACE_CONFIG before CUDA starts
     device = pick_device(getattr(args, "device", "auto"))
-    set_seed(cfg["seed"])
     with timed("load data") as t_data:
         try:
             data = load_text_dataset(

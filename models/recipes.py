@@ -90,6 +90,8 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
             "parity_samples": 512,
             "baselines": True,
             "bench_repeats": 5,
+            # --quantize int8: training texts whose activations set the fixed int8 scales.
+            "calibration_texts": 512,
             "adapt_steps": 300,
             "adapt_head_steps": 100,
             "adapt_lr": 5e-5,
@@ -122,6 +124,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
             "parity_samples": 256,
             "baselines": False,
             "bench_repeats": 3,
+            "calibration_texts": 256,
             "adapt_steps": 60,
             "adapt_head_steps": 30,
             "adapt_lr": 5e-5,

@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -195,3 +196,67 @@ def test_training_device_is_chosen_or_refused_plainly(monkeypatch, tmp_path: Pat
 
     assert module_device(nn.Sequential()) == torch.device("cpu")
     assert module_device(nn.Linear(2, 2)) == torch.device("cpu")
+
+
+def _tiny_mlp(path: Path, rng: np.random.Generator) -> None:
+    """x (batch, 8) -> MatMul + bias -> Relu -> MatMul + bias: two weight GEMMs to quantize."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w1, b1 = rng.normal(size=(8, 16)).astype(np.float32), rng.normal(size=16).astype(np.float32)
+    w2, b2 = rng.normal(size=(16, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Add", ["h", "b1"], ["hb"]),
+            helper.make_node("Relu", ["hb"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["o"]),
+            helper.make_node("Add", ["o", "b2"], ["y"]),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_static_int8_is_close_and_batch_independent(tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from scripts.train.int8 import QuantizationError, quantize_int8
+
+    rng = np.random.default_rng(0)
+    _tiny_mlp(tmp_path / "fp32.onnx", rng)
+    calib = [{"x": rng.normal(size=(64, 8)).astype(np.float32)} for _ in range(4)]
+    result = quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", calib)
+    assert (result.gemms, result.activations, result.calibration_rows) == (2, 2, 256)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 2 and "DynamicQuantizeLinear" not in ops and "MatMul" not in ops
+
+    fp32, int8 = (
+        ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]) for f in ("fp32.onnx", "int8.onnx")
+    )
+    x = rng.normal(size=(32, 8)).astype(np.float32)
+    ref, got = fp32.run(None, {"x": x})[0], int8.run(None, {"x": x})[0]
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()  # int8 error, not a different function
+    # Fixed scales: each row's answer is the same alone as in the batch (dynamic int8 fails this).
+    alone = np.concatenate([int8.run(None, {"x": x[i : i + 1]})[0] for i in range(len(x))])
+    assert np.array_equal(alone, got)
+
+    # A graph with nothing to quantize is refused, and no output file is written.
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "relu.onnx"))
+    with pytest.raises(QuantizationError, match="no MatMul/Gemm"):
+        quantize_int8(tmp_path / "relu.onnx", tmp_path / "relu8.onnx", calib)
+    assert not (tmp_path / "relu8.onnx").exists()
+    with pytest.raises(QuantizationError, match="calibration"):
+        quantize_int8(tmp_path / "fp32.onnx", tmp_path / "none.onnx", [])

@@ -90,8 +90,9 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
             "parity_samples": 512,
             "baselines": True,
             "bench_repeats": 5,
-            # --quantize int8: training texts whose activations set the fixed int8 scales.
-            "calibration_texts": 512,
+            # --quantize int8: training texts whose activations set the fixed int8 scales (chosen on
+            # validation: 2,048 texts 0.7954, 512 texts 0.7923; fp32 0.7937, dynamic int8 0.7932).
+            "calibration_texts": 2048,
             "adapt_steps": 300,
             "adapt_head_steps": 100,
             "adapt_lr": 5e-5,

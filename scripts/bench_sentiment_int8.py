@@ -42,7 +42,7 @@ def _pass_seconds(sess: Any, feeds: list[dict]) -> float:
     return time.perf_counter() - start
 
 
-MANUAL_MARK = "## Other int8 recipes tried"
+MANUAL_MARK = "## Recipes tried"
 
 
 def compare_throughput(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,6 +32,16 @@ SETTINGS = Settings.from_env()
 TRACING_OFF = disable_idle_tracing()
 
 
+def process_age_s() -> float:
+    """Seconds since this worker process started (from the kernel's process table; -1 if unknown)."""
+    try:
+        import psutil  # a BentoML dependency
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:  # no psutil, or a platform without process start times
+        return -1.0
+
+
 @bentoml.service(
     name="graft",
     workers=SETTINGS.workers,
@@ -42,6 +53,7 @@ TRACING_OFF = disable_idle_tracing()
 @bentoml.asgi_app(app, path="/")
 class Graft:
     def __init__(self) -> None:
+        started = time.perf_counter()
         self.settings = SETTINGS
         # One inference thread per worker: ONNX Runtime's own pool (ort_threads) does the
         # parallel work, and a second concurrent run would only oversubscribe the CPU quota.
@@ -58,11 +70,14 @@ class Graft:
         install(self.pool, self.reloader)
         install_request_id_logging()
         log.info(
-            "graft worker ready: registry=%s models=%s ort_threads=%d tracing=%s",
+            "graft worker ready: registry=%s models=%s ort_threads=%d tracing=%s; models loaded and warmed up "
+            "in %.2f s, %.2f s after the process started",
             self.settings.registry,
             [f"{m.name}:{m.version}" for m in self.pool.served()],
             self.settings.ort_threads,
             "off (not configured)" if TRACING_OFF else "as configured",
+            time.perf_counter() - started,
+            process_age_s(),
         )
 
     @bentoml.on_startup

@@ -117,6 +117,7 @@ def quantize_int8(fp32: Path, int8: Path, calibration: Sequence[dict[str, np.nda
         g.initializer.append(numpy_helper.from_array(np.array(zp, np.uint8), y_zp))
         replace[id(n)] = helper.make_node("QuantizeLinear", [n.input[0], y_scale, y_zp], [y], name=f"{y}/static")
 
+    act_scales = {n.output[1] for n in dqls}
     gemms = 0
     for n in [n for n in g.node if n.op_type == "MatMulInteger"]:
         # ONNX Runtime's quantizer writes MatMulInteger -> Cast(float) -> Mul(a_scale * b_scale) [-> Add(bias)].
@@ -130,11 +131,16 @@ def quantize_int8(fp32: Path, int8: Path, calibration: Sequence[dict[str, np.nda
         if scales is None or scales.op_type != "Mul":
             raise QuantizationError(f"{n.name}: scale product not found")
         a_scale, b_scale = scales.input
+        if b_scale in act_scales:  # the product's operands in the other order
+            a_scale, b_scale = b_scale, a_scale
+        if a_scale not in act_scales:
+            raise QuantizationError(f"{n.name}: activation scale not found")
         out, bias = mul.output[0], None
         after = consumers.get(out, [])
         if len(after) == 1 and after[0].op_type == "Add":
             other = next(i for i in after[0].input if i != out)
-            if other in inits and len(inits[other].dims) == 1:
+            n_cols = inits[qb].dims[-1] if qb in inits else None
+            if other in inits and list(inits[other].dims) == [n_cols]:  # a per-column bias folds into the GEMM
                 bias, out = other, after[0].output[0]
                 drop.add(id(after[0]))
         drop.update({id(cast), id(mul)})

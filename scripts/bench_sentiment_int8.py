@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory()
         fp32_path, int8_path = art.model_path, Path(tmp.name) / "model_int8.onnx"
         n_calib = min(len(data.train), int(cfg.get("calibration_texts", 512)))
-        names = [i.name for i in ort_session(fp32_path).get_inputs()]
+        names = [i.name for i in m.inputs]
         quantize_int8(fp32_path, int8_path, _batches(tok, data.train.texts[:n_calib], 32, names))
         origin = (
             f"the artifact's fp32 model, quantized here as `--quantize int8` does (calibrated on {n_calib} "

@@ -1,7 +1,8 @@
-"""Registry layout: `<root>/<name>/<version>/` folders and an optional `<name>/CURRENT` pin.
+"""Registry layout: `<root>/<name>/<version>/` folders, an optional `<name>/CURRENT` pin, and
+`<root>/.staging/` where new versions are assembled before an atomic rename publishes them.
 
 This module only reads and writes the layout; it does not open models. Which version is
-served is decided by the loader: the pinned one, or else the newest version that validates.
+served is decided in `models.servable`: the pinned one, or else the newest version that opens.
 """
 
 from __future__ import annotations
@@ -14,6 +15,37 @@ from pathlib import Path
 from .errors import ArtifactError
 
 PIN_FILE = "CURRENT"
+# Hidden, at the registry root, never inside a model folder: a half-built version (a fine-tune
+# still running, or killed) must not make a model name look like it has nothing to serve.
+STAGING_DIR = ".staging"
+REPO_REGISTRY = Path(__file__).resolve().parent / "registry"
+
+
+def default_registry() -> Path:
+    """The registry every tool and the server use unless told otherwise: $MODEL_REGISTRY, else
+    models/registry in this checkout."""
+    return Path(os.environ.get("MODEL_REGISTRY") or REPO_REGISTRY)
+
+
+def staging_folder(root: Path, name: str, version: str) -> Path:
+    """A new, empty folder on the registry's filesystem where a version is assembled."""
+    folder = Path(root) / STAGING_DIR / name / version
+    folder.mkdir(parents=True, exist_ok=False)
+    return folder
+
+
+def publish_folder(staged: Path, root: Path, name: str, version: str) -> Path:
+    """Move a complete staged version into place with one rename: readers see all of it or none."""
+    if not _NAME.match(name):
+        raise ArtifactError(f"{name!r} is not a valid model name (letters, digits, '.', '_', '-'; at most 64)")
+    final = Path(root) / name / version
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        raise ArtifactError(f"{final} already exists")
+    os.replace(staged, final)
+    return final
+
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^[0-9]{8}T[0-9]{6}([0-9]{3})?Z-[0-9a-f]{6,12}$")
 
@@ -72,20 +104,44 @@ def candidates(root: Path, name: str) -> list[str]:
     return list(reversed(list_versions(root, name)))
 
 
-def signature(root: Path) -> tuple[tuple[str, float], ...]:
-    """A cheap fingerprint of the registry (folder and pin mtimes) to detect changes by polling."""
+Stamp = tuple[tuple[str, int, int], ...]
+
+
+def version_stamp(folder: Path) -> Stamp:
+    """(file, size, mtime) of every file in a version folder: changes whenever any file does.
+
+    A version copied in two steps (manifest first, model later, as `kubectl cp` may) is refused
+    at first and must be retried once its files change, whichever file lands last.
+    """
+    out = []
+    try:
+        for p in sorted(Path(folder).rglob("*")):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            if p.is_file():
+                out.append((p.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns))
+    except OSError:
+        return ()
+    return tuple(out)
+
+
+def signature(root: Path) -> tuple[object, ...]:
+    """A cheap fingerprint of the registry (names, pins, every version's files) to detect changes by polling."""
     root = Path(root)
-    items: list[tuple[str, float]] = []
+    items: list[object] = []
     for name in list_models(root):
         folder = root / name
         try:
-            items.append((name, folder.stat().st_mtime))
             pin = folder / PIN_FILE
             if pin.exists():
-                items.append((f"{name}/{PIN_FILE}", pin.stat().st_mtime))
+                st = pin.stat()
+                items.append((f"{name}/{PIN_FILE}", st.st_size, st.st_mtime_ns))
+            else:
+                items.append((name,))
             for v in list_versions(root, name):
-                manifest = folder / v / "manifest.json"
-                items.append((f"{name}/{v}", manifest.stat().st_mtime if manifest.exists() else 0.0))
+                items.append((f"{name}/{v}", version_stamp(folder / v)))
         except OSError:
             continue
     return tuple(items)

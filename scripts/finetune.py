@@ -15,10 +15,9 @@ from pathlib import Path
 
 from models.manifest import TASKS
 from models.recipes import recipe
+from models.versions import default_registry
 
-DEFAULT_REGISTRY = Path(
-    os.environ.get("MODEL_REGISTRY") or Path(__file__).resolve().parent.parent / "models" / "registry"
-)
+DEFAULT_REGISTRY = default_registry()
 
 
 def build_parser() -> argparse.ArgumentParser:

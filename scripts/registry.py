@@ -1,7 +1,7 @@
 """Operate a model registry: list, verify, pin/unpin, prune, import, and ask a server to reload.
 
     python -m scripts.registry list
-    python -m scripts.registry verify [NAME[/VERSION]]
+    python -m scripts.registry verify [NAME[/VERSION]]     # the server's own servability check
     python -m scripts.registry pin NAME VERSION        # roll back or forward; served after reload
     python -m scripts.registry unpin NAME              # serve the newest valid version again
     python -m scripts.registry prune NAME --keep 3 [--dry-run]
@@ -25,41 +25,7 @@ from pathlib import Path
 from models import versions
 from models.artifact import load_artifact, read_manifest
 from models.errors import ArtifactError
-
-DEFAULT_REGISTRY = Path(
-    os.environ.get("MODEL_REGISTRY") or Path(__file__).resolve().parent.parent / "models" / "registry"
-)
-
-
-def served_version(root: Path, name: str) -> str | None:
-    """What a freshly started service would serve for `name` (pin, else newest valid)."""
-    try:
-        order = versions.candidates(root, name)
-    except ArtifactError:
-        return None
-    for v in order:
-        try:
-            load_artifact(root / name / v)
-            return v
-        except ArtifactError:
-            continue
-    return None
-
-
-def resolve_ref(root: Path, ref: str) -> Path:
-    """An artifact reference: a folder path, NAME/VERSION, or NAME (its served version)."""
-    p = Path(ref)
-    if p.is_dir() and (p / "manifest.json").is_file():
-        return p
-    name, _, version = ref.partition("/")
-    if not version:
-        version = served_version(root, name) or ""
-        if not version:
-            raise ArtifactError(f"{ref!r}: no valid version of {name!r} in {root}")
-    folder = root / name / version
-    if not folder.is_dir():
-        raise ArtifactError(f"{ref!r}: {folder} does not exist")
-    return folder
+from models.servable import open_version, resolve_ref, served_version  # noqa: F401 (resolve_ref: public helper)
 
 
 def cmd_list(root: Path, args: argparse.Namespace) -> int:
@@ -94,7 +60,7 @@ def cmd_verify(root: Path, args: argparse.Namespace) -> int:
     bad = 0
     for folder in targets:
         try:
-            load_artifact(folder)
+            open_version(folder, name=folder.parent.name)
             print(f"ok   {folder.parent.name}/{folder.name}")
         except ArtifactError as e:
             bad += 1
@@ -105,7 +71,7 @@ def cmd_verify(root: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_pin(root: Path, args: argparse.Namespace) -> int:
-    load_artifact(root / args.name / args.version)  # never pin something the service would refuse
+    open_version(root / args.name / args.version, name=args.name)  # never pin something the server would refuse
     versions.write_pin(root, args.name, args.version)
     print(f"pinned {args.name} to {args.version}; POST /admin/reload (or wait for the poll) to serve it")
     return 0
@@ -141,11 +107,15 @@ def cmd_import(root: Path, args: argparse.Namespace) -> int:
     dst = root / name / art.version
     if dst.exists():
         raise ArtifactError(f"{dst} already exists")
-    tmp = root / name / f".import-{art.version}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    os.replace(tmp, dst)  # the service never sees a half-copied version
-    load_artifact(dst)
+    # Copied under the registry's hidden staging folder, checked there, then renamed into place:
+    # a server polling the registry never sees a half-copied version or an empty model folder.
+    tmp = versions.staging_folder(root, name, art.version)
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        open_version(tmp, name=name)
+        dst = versions.publish_folder(tmp, root, name, art.version)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(dst)
     return 0
 
@@ -171,10 +141,10 @@ def cmd_reload(root: Path, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.registry", description=__doc__.splitlines()[0])
-    p.add_argument("--registry", default=str(DEFAULT_REGISTRY))
+    p.add_argument("--registry", default=str(versions.default_registry()))
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="every version, its task and metrics; * marks the served one")
-    v = sub.add_parser("verify", help="check schemas and checksums")
+    v = sub.add_parser("verify", help="check that versions are servable: schema, checksums, ONNX Runtime, warm-up")
     v.add_argument("ref", nargs="?", help="NAME or NAME/VERSION (default: everything)")
     pin = sub.add_parser("pin", help="serve VERSION of NAME (rollback)")
     pin.add_argument("name")

@@ -3,55 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_REGISTRY = REPO_ROOT / "models" / "registry"
-
-
-def cpu_quota() -> int | None:
-    """CPUs granted by the cgroup (v2 cpu.max or v1 cfs quota), rounded up; None when unlimited.
-
-    Containers see every host core in os.cpu_count(); a thread pool sized from that oversubscribes
-    a pod limited to 2 CPUs. The quota is what the scheduler will actually give us.
-    """
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            return max(1, -(-int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    try:
-        q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        p = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-        if q > 0 and p > 0:
-            return max(1, -(-q // p))
-    except (OSError, ValueError):
-        pass
-    return None
-
+from models.runtime import available_cpus, cpu_quota  # noqa: F401 (re-exported: service.config.available_cpus)
+from models.versions import default_registry
 
 MAX_AUTO_WORKERS = 4
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: GRAFT_CPUS if set (Kubernetes passes the container's CPU limit),
-    else the cgroup quota if set, else its affinity mask."""
-    raw = os.environ.get("GRAFT_CPUS", "").strip()
-    if raw:
-        try:
-            return max(1, math.ceil(float(raw)))
-        except ValueError as e:
-            raise ValueError(f"GRAFT_CPUS={raw!r} is not a number") from e
-    quota = cpu_quota()
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        affinity = os.cpu_count() or 1
-    return min(quota, affinity) if quota else affinity
 
 
 def _int(name: str, default: int, lo: int = 0) -> int:
@@ -145,7 +104,7 @@ class Settings:
         )
         token = os.environ.get("GRAFT_ADMIN_TOKEN") or None
         return cls(
-            registry=Path(os.environ.get("MODEL_REGISTRY") or DEFAULT_REGISTRY),
+            registry=default_registry(),
             # Each worker gets an equal share of the CPU quota for ONNX Runtime's intra-op pool.
             ort_threads=_int("GRAFT_ORT_THREADS", max(1, cpus // workers), lo=1),
             decode_threads=_int("GRAFT_DECODE_THREADS", max(2, cpus // workers), lo=1),

@@ -1,9 +1,14 @@
 """The set of models this worker serves, loaded from the registry and swapped on reload.
 
-For each model name the pool serves one version: the pinned one (CURRENT), or else the newest
-version that passes validation (schema, checksums, ONNX Runtime session, warm-up). A version
-that fails is remembered with its error and never served. Swapping replaces one dict entry, so
-a request already holding the old model finishes on it; the old batcher drains and closes.
+For each model name the pool serves the version `models.servable` picks: the pinned one, else
+the newest, falling back past any version that fails to open (schema, checksums, ONNX Runtime,
+warm-up) and keeping what is already served. A refused version is remembered with its error and
+the stamp of its files, and is retried only when one of its files changes. Swapping replaces one
+dict entry, so a request already holding the old model finishes on it; the old batcher drains.
+
+Readiness means "serving what can be served": a model name with nothing servable (an empty
+folder, every version refused) is reported in /models, and does not take the worker out of
+rotation as long as some model serves.
 """
 
 from __future__ import annotations
@@ -14,25 +19,15 @@ import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from models import versions
-from models.artifact import load_artifact
-from models.errors import ArtifactError, GraftError, InvalidInput
+from models import servable, versions
+from models.errors import ArtifactError, InvalidInput
 
 from .config import Settings
 from .served import TASKS, ServedModel
 
 log = logging.getLogger("graft.pool")
-
-
-def _manifest_stamp(folder: Path) -> tuple[int, int] | None:
-    try:
-        st = (folder / "manifest.json").stat()
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size)
 
 
 class ModelNotFound(InvalidInput):
@@ -47,9 +42,9 @@ class ModelState:
     name: str
     served: ServedModel | None = None
     errors: dict[str, str] = field(default_factory=dict)  # version -> why it was refused
-    # version -> manifest stamp when refused: a version copied in half-way is retried once its
-    # manifest changes, but a bad artifact is not reopened on every scan.
-    refused_stamp: dict[str, tuple[int, int] | None] = field(default_factory=dict)
+    # version -> stamp of its files when refused: a version copied in half-way is retried once
+    # any of its files changes, but a bad artifact is not reopened on every scan.
+    refused_stamp: dict[str, versions.Stamp] = field(default_factory=dict)
     pinned: str | None = None
     loaded_at: float = 0.0
 
@@ -57,6 +52,7 @@ class ModelState:
         out: dict[str, Any] = {
             "name": self.name,
             "status": "ready" if self.served else "unavailable",
+            "reason": None if self.served else self.reason(),
             "served_version": self.served.version if self.served else None,
             "pinned_version": self.pinned,
             "errors": [{"version": v, "error": e} for v, e in sorted(self.errors.items())],
@@ -65,6 +61,14 @@ class ModelState:
             out["task"] = self.served.task
             out["manifest"] = self.served.describe()
         return out
+
+    def reason(self) -> str:
+        """Why nothing is served for this name, in one line."""
+        if not self.errors:
+            return "no version has been loaded yet"
+        if set(self.errors) == {"-"}:
+            return self.errors["-"]
+        return f"every version was refused ({len(self.errors)}); see errors"
 
 
 class ModelPool:
@@ -106,55 +110,58 @@ class ModelPool:
 
     @property
     def ready(self) -> bool:
-        """Ready when at least one model serves and every known model has a servable version."""
-        return bool(self._states) and all(s.served is not None for s in self._states.values())
+        """Ready when at least one model serves: a model name with nothing servable is reported in
+        /models, never a reason to take every pod that shares the registry out of rotation."""
+        return any(s.served is not None for s in self._states.values())
 
     # ---- loading ------------------------------------------------------------------------
     def _open(self, name: str, version: str) -> ServedModel:
-        artifact = load_artifact(self.settings.registry / name / version)
-        if artifact.name != name:
-            raise ArtifactError(f"manifest name {artifact.name!r} does not match folder {name!r}")
-        cls = TASKS.get(artifact.manifest.task)
-        if cls is None:
-            raise ArtifactError(f"task {artifact.manifest.task!r} is not supported by this service")
-        model = cls(artifact, self.settings, infer_executor=self._infer, cpu_executor=self._cpu)
-        model.warm_up()
+        settings = self.settings
+        opened = servable.open_version(
+            settings.registry / name / version, name=name, threads=settings.ort_threads, providers=settings.providers
+        )
+        cls = TASKS[opened.artifact.manifest.task]
+        return cls(opened, settings, infer_executor=self._infer, cpu_executor=self._cpu)
+
+    def _try_open(self, state: ModelState, version: str) -> ServedModel | None:
+        """Open one version, or record why it is refused (skipped while its files are unchanged)."""
+        stamp = versions.version_stamp(self.settings.registry / state.name / version)
+        if version in state.errors and state.refused_stamp.get(version) == stamp:
+            return None  # refused before and unchanged since
+        try:
+            model = self._open(state.name, version)
+        except Exception as e:  # any failure refuses this version; the scan goes on
+            log.error("refusing %s/%s: %s", state.name, version, e)
+            state.errors[version] = str(e)
+            state.refused_stamp[version] = stamp
+            return None
+        state.errors.pop(version, None)
+        state.refused_stamp.pop(version, None)
+        log.info("loaded %s/%s (%s)", state.name, version, model.task)
         return model
 
     def _resolve(self, state: ModelState) -> ServedModel | None:
-        """Open the version that should be served, or None if it is the one already served."""
+        """Open the version that should be served, or None to keep what is served."""
         root = self.settings.registry
         try:
             state.pinned = versions.read_pin(root, state.name)
-            order = versions.candidates(root, state.name)
+            order = servable.serving_order(root, state.name)
         except (ArtifactError, OSError) as e:
             state.errors["CURRENT"] = str(e)
             return None
         state.errors.pop("CURRENT", None)
+        present = set(order)
+        for gone in [v for v in state.errors if v not in present and v != "CURRENT"]:
+            state.errors.pop(gone, None)  # deleted versions are no longer news
+            state.refused_stamp.pop(gone, None)
         if not order:
             state.errors["-"] = "no versions in the registry"
             return None
-        state.errors.pop("-", None)
-        for version in order:
-            if state.served is not None and state.served.version == version:
-                return None  # already serving the right one
-            stamp = _manifest_stamp(root / state.name / version)
-            if version in state.errors and state.refused_stamp.get(version) == stamp:
-                continue  # refused before and unchanged since
-            try:
-                model = self._open(state.name, version)
-            except (GraftError, OSError, ValueError, RuntimeError) as e:
-                log.error("refusing %s/%s: %s", state.name, version, e)
-                state.errors[version] = str(e)
-                state.refused_stamp[version] = stamp
-                continue
-            state.errors.pop(version, None)
-            state.refused_stamp.pop(version, None)
-            log.info("loaded %s/%s (%s)", state.name, version, model.task)
-            return model
-        if state.pinned is not None and state.served is not None:
-            log.error("pinned %s/%s is not servable; keeping %s", state.name, state.pinned, state.served.version)
-        return None
+        current = state.served.version if state.served is not None else None
+        version, model = servable.pick(order, current=current, try_open=lambda v: self._try_open(state, v))
+        if state.pinned is not None and version != state.pinned and version is not None:
+            log.error("pinned %s/%s is not servable; serving %s", state.name, state.pinned, version)
+        return model
 
     def scan(self) -> list[ServedModel]:
         """Bring every model to the version it should serve. Returns the replaced models.

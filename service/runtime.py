@@ -1,12 +1,11 @@
-"""ONNX Runtime sessions with explicit, quota-derived threading."""
+"""Worker-process tuning for the server (malloc arenas, tracing); sessions come from models.runtime."""
 
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
-import onnxruntime as ort
+from models.runtime import create_session, session_options  # noqa: F401 (re-exported)
 
 log = logging.getLogger("graft.runtime")
 
@@ -61,34 +60,3 @@ def disable_idle_tracing() -> bool:
             return False
     os.environ["OTEL_SDK_DISABLED"] = "true"
     return True
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    """Options for a serving session: a fixed intra-op pool, no idle spinning, full graph opts."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Spinning threads burn the CPU quota between requests and starve request decoding.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return so
-
-
-def create_session(
-    model_path: Path, *, threads: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)
-) -> ort.InferenceSession:
-    """Open an ONNX model; providers not available in this onnxruntime build are skipped."""
-    available = set(ort.get_available_providers())
-    chosen = [p for p in providers if p in available]
-    missing = [p for p in providers if p not in available]
-    if missing and os.environ.get("GRAFT_ORT_STRICT") == "1":
-        raise RuntimeError(f"execution providers {missing} are not available (have {sorted(available)})")
-    if not chosen:
-        log.warning("none of %s is available (have %s); using CPU", providers, sorted(available))
-        chosen = ["CPUExecutionProvider"]
-    elif "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    return ort.InferenceSession(str(model_path), sess_options=session_options(threads), providers=chosen)

@@ -1,8 +1,8 @@
 """One loaded version of one model: its ONNX Runtime session, batcher and task logic.
 
 Each task subclasses `ServedModel` in `service/tasks/` and registers itself in TASKS. The base
-class does what every task shares: open the session, check the artifact's declared inputs
-against the graph, build the batcher, and run the warm-up sample stored in the artifact.
+class does what every task shares: hold the verified session (`models.servable.open_version`
+opened it, checked its inputs and ran its warm-up sample) and build the batcher.
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from models.artifact import Artifact
-from models.errors import ArtifactError, InvalidInput
+from models.errors import InvalidInput
+from models.servable import OpenedVersion
 
 from .batching import Batcher
 from .config import Settings
-from .runtime import create_session
 
 log = logging.getLogger("graft.served")
 
@@ -41,16 +40,17 @@ class ServedModel(ABC):
     # None means the global GRAFT_MAX_BATCH_SIZE. Big batches of big tensors only grow the arena.
     batch_cap: ClassVar[int | None] = None
 
-    def __init__(self, artifact: Artifact, settings: Settings, *, infer_executor: Executor, cpu_executor: Executor):
-        self.artifact = artifact
-        self.manifest = artifact.manifest
+    def __init__(
+        self, opened: OpenedVersion, settings: Settings, *, infer_executor: Executor, cpu_executor: Executor
+    ) -> None:
+        self.artifact = opened.artifact
+        self.manifest = opened.artifact.manifest
+        self.session = opened.session
         self.settings = settings
         self.cpu_executor = cpu_executor
         self.infer_executor = infer_executor
-        self.session = create_session(artifact.model_path, threads=settings.ort_threads, providers=settings.providers)
-        self._check_io()
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_names = opened.input_names
+        self.output_names = opened.output_names
         cfg = settings.batching(self.manifest.name)
         max_batch = cfg.max_batch_size
         if self.batch_cap is not None and self.manifest.name not in settings.batching_per_model:
@@ -76,15 +76,6 @@ class ServedModel(ABC):
         """The {name, version} every response carries."""
         return {"name": self.name, "version": self.version}
 
-    def _check_io(self) -> None:
-        graph_inputs = {i.name for i in self.session.get_inputs()}
-        declared = {i.name for i in self.manifest.inputs}
-        if graph_inputs != declared:
-            raise ArtifactError(
-                f"{self.artifact.path}: manifest inputs {sorted(declared)} "
-                f"do not match the graph's {sorted(graph_inputs)}"
-            )
-
     @abstractmethod
     def run_batch(self, items: Sequence[Any]) -> Sequence[Any]:
         """Run the model on preprocessed items (on the inference thread); one result per item."""
@@ -96,27 +87,6 @@ class ServedModel(ABC):
     def bytes_to_feeds(self, items: list[bytes]) -> dict[str, np.ndarray]:
         """Encoded inputs (images, texts) to the model's input tensors, by the artifact's rules."""
         raise InvalidInput(f"{self.task} models take no BYTES input; send the declared tensors")
-
-    @abstractmethod
-    def warmup_outputs(self) -> np.ndarray:
-        """Run the artifact's stored warm-up sample through the full serving path; raw outputs."""
-
-    def warm_up(self) -> None:
-        """Verify the model reproduces the output recorded at export; refuse it otherwise."""
-        w = self.manifest.warmup
-        if w is None:
-            log.warning("%s:%s has no warm-up sample; serving it unverified", self.name, self.version)
-            return
-        got = np.asarray(self.warmup_outputs(), dtype=np.float32)
-        expected = np.asarray(w.expected, dtype=np.float32)
-        if got.shape != expected.shape:
-            raise ArtifactError(f"{self.artifact.path}: warm-up output shape {got.shape} != recorded {expected.shape}")
-        diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
-        if not np.isfinite(diff) or diff > w.atol:
-            raise ArtifactError(
-                f"{self.artifact.path}: warm-up output differs from the one recorded at export "
-                f"by {diff:.3g} (tolerance {w.atol:g}); the model or its preprocessing changed"
-            )
 
     def describe(self) -> dict[str, Any]:
         """Metadata for /models and the v2 protocol."""

@@ -15,16 +15,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import bentoml
+from .runtime import limit_malloc_arenas
 
-from . import tasks  # noqa: F401  (registers the task runners)
-from .app import app
-from .config import Settings
-from .logs import install_request_id_logging
-from .pool import ModelPool
-from .reload import Reloader, ReloadSignal
-from .runtime import disable_idle_tracing
-from .state import install
+limit_malloc_arenas()  # before the decode and ONNX Runtime threads exist
+
+import bentoml  # noqa: E402
+
+from . import tasks  # noqa: E402, F401  (registers the task runners)
+from .app import app  # noqa: E402
+from .config import Settings  # noqa: E402
+from .logs import install_request_id_logging  # noqa: E402
+from .pool import ModelPool  # noqa: E402
+from .reload import Reloader, ReloadSignal  # noqa: E402
+from .runtime import disable_idle_tracing  # noqa: E402
+from .state import install  # noqa: E402
 
 log = logging.getLogger("graft")
 

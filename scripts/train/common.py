@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from models import versions
 from models.artifact import MANIFEST, load_artifact, new_version, write_manifest
 from models.errors import ParityError
 from models.manifest import Manifest, ParityReport
@@ -42,7 +43,7 @@ def configure_threads() -> int:
     """Use every CPU this process may run on (GRAFT_TRAIN_THREADS overrides)."""
     import torch
 
-    from service.config import available_cpus
+    from models.runtime import available_cpus
 
     n = int(os.environ.get("GRAFT_TRAIN_THREADS") or available_cpus())
     torch.set_num_threads(max(1, n))
@@ -343,8 +344,7 @@ def require_parity(report: ParityReport, what: str = "ONNX export") -> None:
 
 def ort_session(path: Path, threads: int | None = None):
     """An ONNX Runtime session configured like the service's."""
-    from service.config import available_cpus
-    from service.runtime import create_session
+    from models.runtime import available_cpus, create_session
 
     return create_session(path, threads=threads or available_cpus())
 
@@ -367,8 +367,7 @@ class Staging:
     version: str = field(default_factory=new_version)
 
     def __post_init__(self) -> None:
-        self.folder = self.registry / self.name / f".staging-{self.version}"
-        self.folder.mkdir(parents=True, exist_ok=False)
+        self.folder = versions.staging_folder(self.registry, self.name, self.version)
 
     def path(self, filename: str) -> Path:
         return self.folder / filename
@@ -376,10 +375,8 @@ class Staging:
     def publish(self, manifest: Manifest) -> Path:
         """Write the manifest (with checksums), verify the folder loads, then rename it into place."""
         write_manifest(self.folder, manifest)
-        final = self.registry / self.name / self.version
-        os.replace(self.folder, final)
-        load_artifact(final)  # the loader's verdict, not ours
-        return final
+        load_artifact(self.folder)  # the loader's verdict, not ours, before anyone can see it
+        return versions.publish_folder(self.folder, self.registry, self.name, self.version)
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -50,7 +50,6 @@ import onnxruntime
 import torch
 from torch import nn
 
-from models import versions
 from models.artifact import load_artifact
 from models.detection import Detections, box_iou, postprocess
 from models.errors import ArtifactError, ParityError
@@ -375,21 +374,12 @@ def pick_score_threshold(dets: list[Detections], split: DetectionSplit) -> tuple
 # ---- --init-from -----------------------------------------------------------------------------
 def resolve_artifact(ref: str, registry: Path) -> Path:
     """`ref` as a folder, or NAME[/VERSION] in the registry (NAME alone: the version served)."""
-    p = Path(ref)
-    if p.is_dir() and (p / "manifest.json").is_file():
-        return p
-    name, _, version = ref.partition("/")
-    if not version:
-        from scripts.ensure_models import has_valid_version
+    from models.servable import resolve_ref
 
-        version = has_valid_version(registry, name) or ""
-        if not version:
-            raise SystemExit(f"--init-from {ref}: no valid version of {name!r} in {registry}")
-    folder = registry / name / version
-    if not folder.is_dir():
-        known = versions.list_versions(registry, name)
-        raise SystemExit(f"--init-from {ref}: not found in {registry} (versions of {name!r}: {known or 'none'})")
-    return folder
+    try:
+        return resolve_ref(registry, ref)
+    except ArtifactError as e:
+        raise SystemExit(f"--init-from {ref}: {e}") from e
 
 
 @dataclass

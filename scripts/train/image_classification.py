@@ -446,7 +446,7 @@ def load_init(args: Namespace) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     from models.artifact import load_artifact
-    from scripts.registry import resolve_ref
+    from models.servable import resolve_ref
 
     art = load_artifact(resolve_ref(Path(args.registry), args.init_from))
     if art.manifest.task != "image-classification":

@@ -77,12 +77,6 @@ class ObjectDetector(ServedModel):
             geometry=geometry,
         )
 
-    def warmup_outputs(self) -> np.ndarray:
-        data = self.artifact.file(self.manifest.warmup.file).read_bytes()  # type: ignore[union-attr]
-        tensor, geometry = self.prepare(data)
-        rows = self.detections(self.run_batch([tensor])[0], geometry).as_rows()
-        return rows if len(rows) else np.zeros((0,), dtype=np.float32)
-
     async def predict(
         self, data: bytes, score_threshold: float | None = None, max_detections: int | None = None
     ) -> dict[str, Any]:

@@ -48,10 +48,6 @@ class ImageClassifier(ServedModel):
         tensor, _ = self.preprocessor.from_bytes(data, self.limits)
         return self.logits([tensor])[0]
 
-    def warmup_outputs(self) -> np.ndarray:
-        data = self.artifact.file(self.manifest.warmup.file).read_bytes()  # type: ignore[union-attr]
-        return self.logits_for_bytes(data)[None]
-
     async def predict(self, data: bytes, k: int) -> list[dict[str, Any]]:
         """Top-k labels for one encoded image (decoded off the event loop, batched with others)."""
         loop = asyncio.get_running_loop()

@@ -125,14 +125,6 @@ class SentimentClassifier(ServedModel):
         """One padded batch straight through the model (warm-up and tests; bypasses the batcher)."""
         return np.stack(self.run_batch(self.tokenizer.encode(texts)))
 
-    def warmup_outputs(self) -> np.ndarray:
-        path = self.artifact.file(self.manifest.warmup.file)  # type: ignore[union-attr]
-        try:
-            texts = json.loads(path.read_text(encoding="utf-8"))["texts"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ArtifactError(f"{path}: expected {{'texts': [...]}} ({e})") from e
-        return self.logits_for_texts(texts)
-
     def answer(self, logits: np.ndarray) -> dict[str, Any]:
         # Plain Python on a handful of floats: this runs on the event loop once per text, and
         # numpy's ufuncs drop the GIL, so each call would queue behind the busy worker threads.

@@ -7,6 +7,7 @@ served is decided in `models.servable`: the pinned one, or else the newest versi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -43,6 +44,8 @@ def publish_folder(staged: Path, root: Path, name: str, version: str) -> Path:
     if final.exists():
         raise ArtifactError(f"{final} already exists")
     os.replace(staged, final)
+    with contextlib.suppress(OSError):  # the per-name staging folder, when no other build uses it
+        staged.parent.rmdir()
     return final
 
 

@@ -16,69 +16,21 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from models.text import TextTokenizer
+from scripts.train.int8 import batch_dependence, compare_throughput, quantize_int8, text_batches
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _batches(tok: TextTokenizer, texts: Sequence[str], batch_size: int, names: list[str]) -> list[dict]:
-    return [tok(texts[i : i + batch_size]).feeds(names) for i in range(0, len(texts), batch_size)]
-
-
-def _pass_seconds(sess: Any, feeds: list[dict]) -> float:
-    start = time.perf_counter()
-    for f in feeds:
-        sess.run(None, f)
-    return time.perf_counter() - start
-
-
 MANUAL_MARK = "## Recipes tried"
-
-
-def compare_throughput(
-    fp32: Any,
-    int8: Any,
-    tok: TextTokenizer,
-    texts: Sequence[str],
-    *,
-    batch_size: int = 32,
-    repeats: int = 5,
-    max_texts: int = 512,
-) -> dict[str, float]:
-    """Texts per second of two ORT sessions on the same batches: median of alternating passes."""
-    texts = list(texts[:max_texts])
-    names = [i.name for i in fp32.get_inputs()]
-    feeds = _batches(tok, texts, batch_size, names)
-    for sess in (fp32, int8):  # first runs allocate and pick kernels
-        sess.run(None, feeds[0])
-    t32, t8 = [], []
-    for _ in range(repeats):
-        t32.append(_pass_seconds(fp32, feeds))
-        t8.append(_pass_seconds(int8, feeds))
-    m32, m8 = statistics.median(t32), statistics.median(t8)
-    threads = fp32.get_session_options().intra_op_num_threads
-    return {
-        "texts": len(texts),
-        "batch_size": batch_size,
-        "repeats": repeats,
-        "threads": threads,
-        "fp32_texts_per_s": len(texts) / m32,
-        "int8_texts_per_s": len(texts) / m8,
-        "fp32_pass_s": [round(t, 3) for t in t32],
-        "int8_pass_s": [round(t, 3) for t in t8],
-        "speedup": m32 / m8,
-        "mean_tokens": float(np.mean([f["attention_mask"].sum() / len(f["attention_mask"]) for f in feeds])),
-    }
 
 
 def op_profile(path: Path, feeds: list[dict], threads: int) -> dict[str, float]:
@@ -88,7 +40,7 @@ def op_profile(path: Path, feeds: list[dict], threads: int) -> dict[str, float]:
 
     import onnxruntime as ort
 
-    from service.runtime import session_options
+    from models.runtime import session_options
 
     so = session_options(threads)
     so.enable_profiling = True
@@ -142,33 +94,23 @@ def op_profile_lines(p32: dict[str, float], p8: dict[str, float]) -> list[str]:
     return lines
 
 
-def batch_dependence(sess: Any, tok: TextTokenizer, texts: list[str]) -> float:
-    """Max |logits of a text run alone - the same text's logits in a batch of 32|."""
-    names = [i.name for i in sess.get_inputs()]
-    together = np.concatenate(
-        [sess.run(None, tok(texts[i : i + 32]).feeds(names))[0] for i in range(0, len(texts), 32)]
-    )
-    alone = np.concatenate([sess.run(None, tok([t]).feeds(names))[0] for t in texts])
-    return float(np.abs(together - alone).max())
-
-
 def _accuracy(sess: Any, tok: TextTokenizer, texts: list[str], labels: list[int]) -> float:
     names = [i.name for i in sess.get_inputs()]
-    preds = np.concatenate([sess.run(None, f)[0].argmax(1) for f in _batches(tok, texts, 64, names)])
+    preds = np.concatenate([sess.run(None, f)[0].argmax(1) for f in text_batches(tok, texts, 64, names)])
     return float(np.mean(preds == np.asarray(labels)))
 
 
 def main(argv: list[str] | None = None) -> int:
     from models.artifact import load_artifact
-    from scripts.finetune import DEFAULT_REGISTRY
-    from scripts.registry import served_version
-    from scripts.train.common import log, ort_session
-    from scripts.train.int8 import quantize_int8
-    from scripts.train.text_data import load_text_dataset
+    from models.servable import served_version
+    from models.versions import default_registry
+    from scripts.train.console import log
+    from scripts.train.data.text import load_text_dataset
+    from scripts.train.export import ort_session
 
     p = argparse.ArgumentParser(prog="python -m scripts.bench_sentiment_int8", description=__doc__.splitlines()[0])
     p.add_argument("--artifact", help="artifact folder (default: the newest valid 'sentiment' in the registry)")
-    p.add_argument("--registry", default=str(DEFAULT_REGISTRY))
+    p.add_argument("--registry", default=str(default_registry()))
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--texts", type=int, default=512, help="held-out texts per pass")
     p.add_argument("--batch-size", type=int, default=32)
@@ -206,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         fp32_path, int8_path = art.model_path, Path(tmp.name) / "model_int8.onnx"
         n_calib = min(len(data.train), int(cfg.get("calibration_texts", 512)))
         names = [i.name for i in m.inputs]
-        quantize_int8(fp32_path, int8_path, _batches(tok, data.train.texts[:n_calib], 32, names))
+        quantize_int8(fp32_path, int8_path, text_batches(tok, data.train.texts[:n_calib], 32, names))
         origin = (
             f"the artifact's fp32 model, quantized here as `--quantize int8` does (calibrated on {n_calib} "
             "training texts)"
@@ -226,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     drift = (batch_dependence(fp32, tok, data.test.texts[:64]), batch_dependence(int8, tok, data.test.texts[:64]))
     sizes = (fp32_path.stat().st_size / 1e6, int8_path.stat().st_size / 1e6)
     names = [i.name for i in fp32.get_inputs()]
-    feeds = _batches(tok, list(data.test.texts[: args.texts]), args.batch_size, names)
+    feeds = text_batches(tok, list(data.test.texts[: args.texts]), args.batch_size, names)
     threads = speed["threads"]
     profile_lines = op_profile_lines(op_profile(fp32_path, feeds, threads), op_profile(int8_path, feeds, threads))
     load = os.getloadavg()

@@ -1,4 +1,4 @@
-"""Build a model for every task whose default model has no valid version in the registry.
+"""Build a model for every task whose default model has no servable version in the registry.
 
 python -m scripts.ensure_models                 # quick recipes, only where missing (make serve)
 python -m scripts.ensure_models --recipe default --force   # full quality (make models)
@@ -11,16 +11,19 @@ import sys
 import time
 from pathlib import Path
 
+from models.manifest import TASKS
+from models.servable import served_version
+from models.versions import default_registry
 from scripts import finetune
-from scripts.registry import served_version
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Fine-tune (with the chosen recipe) each task that has nothing to serve yet."""
     p = argparse.ArgumentParser(prog="python -m scripts.ensure_models", description=__doc__.splitlines()[0])
-    p.add_argument("--registry", default=str(finetune.DEFAULT_REGISTRY))
+    p.add_argument("--registry", default=str(default_registry()))
     p.add_argument("--recipe", default="quick", help="quick (default) or default (full quality)")
-    p.add_argument("--force", action="store_true", help="build even where a valid version exists")
-    p.add_argument("--tasks", nargs="*", default=list(finetune.JOBS), help="tasks to check")
+    p.add_argument("--force", action="store_true", help="build even where a servable version exists")
+    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS, help="tasks to check")
     args = p.parse_args(argv)
     registry = Path(args.registry)
     todo = []

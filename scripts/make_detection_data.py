@@ -1,280 +1,23 @@
-"""Build the object-detection demo dataset: Fashion-MNIST items pasted onto real photos, as COCO.
+"""Write the object-detection demo dataset (Fashion-MNIST items on real photos, COCO json) to a folder.
 
     python -m scripts.make_detection_data --out data/detection-demo
     python -m scripts.make_detection_data --out /tmp/tiny --train 20 --val 5 --test 5
 
-No detection dataset ships offline, so graft makes one. Each scene is a random crop of a real
-photo (scikit-image's `skimage.data` and scikit-learn's sample images) at a random size and aspect
-(240 to 480 pixels wide, width/height 0.6 to 1.8: the service's letterbox inversion gets exercised),
-with 1 to 6 Fashion-MNIST items pasted at 14% to 42% of the shorter side. An item is pasted through
-a mask taken from its own intensity, keeps its texture and is tinted a random saturated colour, so
-it stands out from the photo by shape and edges but not by a fixed colour: the detector has to
-learn what the items look like. Boxes are tight around the pasted mask.
-
-Five of the ten Fashion-MNIST classes are used, one per visually distinct group: T-shirt/top,
-Trouser, Sandal, Bag, Ankle boot. The other five are near-duplicates of these at 28x28 pixels
-(Pullover, Coat and Shirt look like T-shirt/top; Sneaker like Ankle boot; Dress like Coat), and
-with them per-class AP would measure Fashion-MNIST's own label ambiguity rather than detection.
-
-Splits never share items: train scenes use Fashion-MNIST train images 0-49,999, val scenes
-50,000-59,999, test scenes the official t10k images. Two photos (sklearn's china.jpg and
-skimage's coffee) appear only in test scenes, so the test split also measures unseen backgrounds.
-
-Deterministic: scene i of a split is drawn from its own generator seeded by (seed, split, i),
-so the same command writes byte-identical files, and a smaller split is a prefix of a larger one.
-
-Layout written under --out:
-
-    train.json  val.json  test.json        COCO: images, annotations (bbox x,y,w,h), categories
-    images/{train,val,test}/000000.jpg     file_name in the json is relative to the json's folder
+The generator itself is part of training (scripts/train/data/detection_demo.py), which uses it
+for `finetune object-detection` without --data; this is its command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import colorsys
-import functools
-import hashlib
-import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-CLASSES = ("T-shirt/top", "Trouser", "Sandal", "Bag", "Ankle boot")
-_FASHION_INDEX = {"T-shirt/top": 0, "Trouser": 1, "Sandal": 5, "Bag": 8, "Ankle boot": 9}
-SPLITS = ("train", "val", "test")
-_SPLIT_ID = {"train": 0, "val": 1, "test": 2}
-TEST_ONLY_BACKGROUNDS = ("china", "coffee")
-GENERATOR_VERSION = 1  # bump when scenes change, so cached copies are rebuilt
-
-MIN_SIDE, MAX_SIDE = 180, 480
-ITEM_FRACTION = (0.14, 0.42)  # item canvas side as a fraction of the image's shorter side
-MAX_ITEMS = 6
-MAX_OVERLAP = 0.2  # intersection / area of the smaller box, between any two items
-
-
-@dataclass(frozen=True)
-class DemoSpec:
-    """What to generate; `key()` names a cached copy."""
-
-    train: int = 2000
-    val: int = 300
-    test: int = 300
-    seed: int = 0
-
-    def counts(self) -> dict[str, int]:
-        return {"train": self.train, "val": self.val, "test": self.test}
-
-    def key(self) -> str:
-        raw = json.dumps({"v": GENERATOR_VERSION, **self.counts(), "seed": self.seed}, sort_keys=True)
-        return hashlib.sha256(raw.encode()).hexdigest()[:10]
-
-
-@functools.cache
-def load_backgrounds() -> dict[str, np.ndarray]:
-    """Real photos that load offline, as uint8 RGB arrays, by name (cached: do not modify them)."""
-    import skimage.data as sd
-    from sklearn.datasets import load_sample_images
-
-    photos: dict[str, np.ndarray] = {}
-    for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina"):
-        photos[name] = getattr(sd, name)()
-    left, _right, _ = sd.stereo_motorcycle()
-    photos["motorcycle"] = left
-    for name in ("camera", "brick", "grass", "gravel", "moon", "coins", "clock", "cell"):
-        grey = getattr(sd, name)()
-        photos[name] = np.repeat(grey[..., None], 3, axis=2)
-    samples = load_sample_images()
-    for path, img in zip(samples.filenames, samples.images, strict=True):
-        photos[Path(path).stem] = img
-    return {k: np.ascontiguousarray(v[..., :3]).astype(np.uint8) for k, v in sorted(photos.items())}
-
-
-@functools.cache
-def load_items(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST images (N,28,28) and class indices into CLASSES for one split's item pool (cached)."""
-    from scripts.train.image_data import _find_fashion_mnist, _idx
-
-    d = _find_fashion_mnist()
-    if split == "test":
-        x = _idx(d / "t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
-        y = _idx(d / "t10k-labels-idx1-ubyte.gz", 8)
-    else:
-        x = _idx(d / "train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
-        y = _idx(d / "train-labels-idx1-ubyte.gz", 8)
-        part = slice(0, 50_000) if split == "train" else slice(50_000, 60_000)
-        x, y = x[part], y[part]
-    to_class = {f: c for c, f in enumerate(_FASHION_INDEX[n] for n in CLASSES)}
-    keep = np.isin(y, list(to_class))
-    return x[keep], np.asarray([to_class[int(v)] for v in y[keep]], dtype=np.int64)
-
-
-def _background(rng: np.random.Generator, photo: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A random crop of `photo` with the scene's aspect, resized to width x height, maybe mirrored."""
-    ph, pw = photo.shape[:2]
-    aspect = width / height
-    cw_max = min(pw, ph * aspect)
-    cw = cw_max * rng.uniform(0.4, 1.0)
-    ch = cw / aspect
-    x0 = rng.uniform(0, pw - cw)
-    y0 = rng.uniform(0, ph - ch)
-    crop = Image.fromarray(photo).resize(
-        (width, height), Image.Resampling.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch), reducing_gap=2.0
-    )
-    out = np.asarray(crop, dtype=np.float32)
-    if rng.random() < 0.5:
-        out = out[:, ::-1]
-    return out * rng.uniform(0.75, 1.15)
-
-
-def _item_layer(item: np.ndarray, side: int, tint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """An item resized to side x side: RGB colour (tinted, textured) and an alpha mask in [0, 1]."""
-    img = Image.fromarray(item)
-    grey = np.asarray(img.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-    # Fashion-MNIST backgrounds are 0 with faint noise; anything above ~4% is the item.
-    mask = (item > 10).astype(np.uint8) * 255
-    alpha = np.asarray(Image.fromarray(mask).resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32) / 255
-    colour = tint[None, None, :] * (0.35 + 0.65 * grey[..., None])
-    return colour, alpha
-
-
-def item_box(item: np.ndarray, side: int, x0: int, y0: int) -> tuple[float, float, float, float] | None:
-    """The tight box (x1, y1, x2, y2) an item pasted at (x0, y0) with canvas `side` will have."""
-    _, alpha = _item_layer(item, side, np.zeros(3, np.float32))
-    ys, xs = np.nonzero(alpha > 0.5)
-    if len(xs) == 0:
-        return None
-    return float(x0 + xs.min()), float(y0 + ys.min()), float(x0 + xs.max() + 1), float(y0 + ys.max() + 1)
-
-
-def paste_item(
-    canvas: np.ndarray, item: np.ndarray, x0: int, y0: int, side: int, tint: np.ndarray, opacity: float = 1.0
-) -> None:
-    """Paste a tinted item into a float32 HxWx3 canvas in place, through its own intensity mask."""
-    colour, alpha = _item_layer(item, side, tint)
-    region = canvas[y0 : y0 + side, x0 : x0 + side]
-    a = alpha[..., None] * opacity
-    canvas[y0 : y0 + side, x0 : x0 + side] = a * colour + (1 - a) * region
-
-
-def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
-    return iw * ih / smaller
-
-
-def make_scene(
-    rng: np.random.Generator,
-    photos: list[np.ndarray],
-    items: np.ndarray,
-    item_classes: np.ndarray,
-) -> tuple[np.ndarray, list[tuple[int, tuple[float, float, float, float]]]]:
-    """One scene: uint8 HxWx3 image and [(class index, (x1, y1, x2, y2))] boxes."""
-    width = int(rng.integers(240, 481))
-    aspect = float(np.exp(rng.uniform(np.log(0.6), np.log(1.8))))
-    height = int(np.clip(round(width / aspect), MIN_SIDE, MAX_SIDE))
-    canvas = _background(rng, photos[int(rng.integers(len(photos)))], width, height)
-    boxes: list[tuple[int, tuple[float, float, float, float]]] = []
-    for _ in range(int(rng.integers(1, MAX_ITEMS + 1))):
-        cls = int(rng.integers(len(CLASSES)))
-        pool = np.flatnonzero(item_classes == cls)
-        item = items[pool[int(rng.integers(len(pool)))]]
-        side = round(rng.uniform(*ITEM_FRACTION) * min(width, height))
-        hue, sat, val = rng.random(), rng.uniform(0.25, 1.0), rng.uniform(0.55, 1.0)
-        tint = np.asarray(colorsys.hsv_to_rgb(hue, sat, val), dtype=np.float32) * 255.0
-        rel = item_box(item, side, 0, 0)
-        if rel is None:
-            continue
-        for _try in range(20):
-            x0 = int(rng.integers(0, width - side + 1))
-            y0 = int(rng.integers(0, height - side + 1))
-            box = (x0 + rel[0], y0 + rel[1], x0 + rel[2], y0 + rel[3])
-            if all(_overlap(box, b) <= MAX_OVERLAP for _, b in boxes):
-                break
-        else:
-            continue
-        # A little of the photo shows through.
-        paste_item(canvas, item, x0, y0, side, tint, opacity=float(rng.uniform(0.8, 1.0)))
-        boxes.append((cls, box))
-    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), boxes
-
-
-def generate(out: Path, spec: DemoSpec, *, show_progress: bool = True) -> Path:
-    """Write the three splits under `out` (see the module docstring); returns `out`."""
-    out = Path(out)
-    photos = load_backgrounds()
-    train_photos = [v for k, v in photos.items() if k not in TEST_ONLY_BACKGROUNDS]
-    all_photos = list(photos.values())
-    categories = [{"id": i + 1, "name": n, "supercategory": "fashion"} for i, n in enumerate(CLASSES)]
-    for split, count in spec.counts().items():
-        items, item_classes = load_items(split)
-        folder = out / "images" / split
-        folder.mkdir(parents=True, exist_ok=True)
-        images, annotations = [], []
-        indices = range(count)
-        if show_progress:
-            from scripts.train.common import progress
-
-            indices = progress(indices, f"scenes {split}", total=count, unit="img")
-        for i in indices:
-            rng = np.random.default_rng([spec.seed, _SPLIT_ID[split], i])
-            pool = all_photos if split == "test" else train_photos
-            pixels, boxes = make_scene(rng, pool, items, item_classes)
-            file_name = f"images/{split}/{i:06d}.jpg"
-            Image.fromarray(pixels).save(out / file_name, format="JPEG", quality=92)
-            images.append({"id": i + 1, "file_name": file_name, "width": pixels.shape[1], "height": pixels.shape[0]})
-            for cls, (x1, y1, x2, y2) in boxes:
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": i + 1,
-                        "category_id": cls + 1,
-                        "bbox": [x1, y1, x2 - x1, y2 - y1],
-                        "area": (x2 - x1) * (y2 - y1),
-                        "iscrowd": 0,
-                    }
-                )
-        doc = {
-            "info": {
-                "description": "graft detection demo: Fashion-MNIST items on real photos",
-                "version": str(GENERATOR_VERSION),
-                "generator": "scripts/make_detection_data.py",
-                "seed": spec.seed,
-                "split": split,
-            },
-            "licenses": [],
-            "images": images,
-            "annotations": annotations,
-            "categories": categories,
-        }
-        (out / f"{split}.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    return out
-
-
-def ensure_demo_data(root: Path, spec: DemoSpec) -> Path:
-    """A cached copy of the demo dataset under `root`, generated on first use."""
-    folder = Path(root) / f"detection-demo-{spec.key()}"
-    marker = folder / ".complete"
-    if marker.is_file():
-        return folder
-    tmp = folder.with_name(folder.name + ".partial")
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    generate(tmp, spec)
-    (tmp / ".complete").write_text(json.dumps(spec.counts()) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
+from scripts.train.data.detection_demo import SPLITS, DemoSpec, generate
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """Generate the scenes into --out and print the folder."""
     p = argparse.ArgumentParser(prog="python -m scripts.make_detection_data", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--train", type=int, default=DemoSpec.train, help="train scenes")
@@ -284,7 +27,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = p.parse_args(argv)
     for k in SPLITS:
         if getattr(args, k) < 0:
-            raise SystemExit(f"--{k} must be >= 0")
+            p.error(f"--{k} must be 0 or more")
     out = generate(Path(args.out), DemoSpec(args.train, args.val, args.test, args.seed))
     print(out, flush=True)
     return out

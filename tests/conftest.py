@@ -38,8 +38,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _build(registry: Path, task: str, *extra: str) -> Path:
     """The newest valid artifact of `task` in the registry, built with --quick if there is none."""
+    from models.servable import served_version
     from scripts.finetune import main
-    from scripts.registry import served_version
 
     existing = served_version(registry, task)
     if existing:

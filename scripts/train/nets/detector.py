@@ -22,18 +22,36 @@ mapping back to the original image are numpy (`models.detection`), shared with t
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.detection import Detections, postprocess
+from models.manifest import BaseModelInfo
+from models.preprocess import DecodeLimits, Geometry, ImagePreprocessor, decode_image
+
+from ..console import progress
+from ..device import module_device
+from .backbones import load_image_backbone
+
+if TYPE_CHECKING:
+    from models.recipes import DetectionRecipe
+
+    from ..data.coco import DetectionSplit
+    from ..task import InitCheckpoint
+
 TAPS = (6, 13, 17)  # last MobileNetV2 block at stride 8, 16 and 32
 TAP_CHANNELS = (32, 96, 320)
 N_BLOCKS = 18  # features[18] (the 1x1 conv to 1280 channels) is a classifier's and is dropped
 STRIDE = 8
+CHECKPOINT_KEY = "detector"  # safetensors metadata of a saved detector: labels, config, backbone, cut
 
 
 @dataclass(frozen=True)
@@ -240,3 +258,176 @@ def detection_loss(
     total = loss_cls + loss_box + loss_ctr
     parts = {"cls": float(loss_cls.detach()), "box": float(loss_box.detach()), "ctr": float(loss_ctr.detach())}
     return total, parts
+
+
+# ---- the frozen trunk, run once ----------------------------------------------------------------
+class Trunk(nn.Module):
+    """The frozen blocks 0..cut-1, returning the activations the trainable part needs."""
+
+    def __init__(self, model: Detector, cut: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(model.blocks[:cut])
+        self.keep = sorted({i for i in TAPS if i < cut} | {cut - 1})
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.keep:
+                out.append(x)
+        return tuple(out)
+
+
+def trunk_runner(model: Detector, cut: int, threads: int, workdir: Path):
+    """The frozen trunk as an ONNX Runtime session: about 4x faster than PyTorch eager on CPU
+    (measured here: 0.84 vs 3.6 CPU-seconds for 32 images at 320x256). The cache only feeds
+    training, so the tiny float differences from PyTorch do not matter."""
+    trunk = Trunk(model, cut).eval()
+    path = workdir / "trunk.onnx"
+    names = [f"block{i}" for i in trunk.keep]
+    with torch.no_grad():
+        torch.onnx.export(
+            trunk,
+            (torch.zeros(1, 3, model.cfg.height, model.cfg.width),),
+            str(path),
+            input_names=["images"],
+            output_names=names,
+            dynamic_axes={"images": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+            opset_version=17,
+            dynamo=False,
+        )
+    from ..export import ort_session
+
+    sess = ort_session(path, threads)
+
+    def run(x: np.ndarray) -> dict[int, np.ndarray]:
+        return dict(zip(trunk.keep, sess.run(names, {"images": x}), strict=True))
+
+    return run
+
+
+def to_input_boxes(boxes: np.ndarray, g: Geometry) -> np.ndarray:
+    """Original-pixel xyxy boxes into model-input pixels (the inverse of Geometry.to_original)."""
+    out = boxes.astype(np.float32).copy()
+    out[:, [0, 2]] = out[:, [0, 2]] * g.scale_x + g.pad_x
+    out[:, [1, 3]] = out[:, [1, 3]] * g.scale_y + g.pad_y
+    return out
+
+
+@dataclass
+class Prepared:
+    """One split run through the serving preprocessing and the frozen trunk."""
+
+    cache: dict[int, torch.Tensor]  # block index -> float16 activations (cut-1: trunk output)
+    geometries: list[Geometry]
+    cls_t: torch.Tensor | None = None  # (N, L) int64 class per location or -1
+    box_t: torch.Tensor | None = None  # (N, L, 4) float32 target boxes, model-input pixels
+
+
+def prepare(
+    split: DetectionSplit,
+    pre: ImagePreprocessor,
+    model: Detector,
+    cut: int,
+    trunk: Any,
+    desc: str,
+    *,
+    targets: bool,
+) -> Prepared:
+    """Preprocess every image, run the frozen blocks once, keep what the trainable part needs."""
+    limits = DecodeLimits()
+    chunks: dict[int, list[torch.Tensor]] = {}
+    geometries: list[Geometry] = []
+    cls_ts, box_ts = [], []
+    centres = model.centres.numpy()
+    batch = 32
+    for start in progress(range(0, len(split), batch), desc, total=math.ceil(len(split) / batch), unit="batch"):
+        tensors = []
+        for im in split.images[start : start + batch]:
+            t, g = pre(decode_image(im.path.read_bytes(), limits))
+            tensors.append(t)
+            geometries.append(g)
+            if targets:
+                c, b = assign_targets(to_input_boxes(im.boxes, g), im.labels, centres)
+                cls_ts.append(c)
+                box_ts.append(b)
+        x = np.stack(tensors)
+        # cut == 0 (full fine-tuning): the cache is the input itself.
+        acts = trunk(x) if cut > 0 else {-1: x}
+        for i, a in acts.items():
+            chunks.setdefault(i, []).append(torch.from_numpy(a).to(torch.float16))
+    out = Prepared(cache={i: torch.cat(v) for i, v in chunks.items()}, geometries=geometries)
+    if targets:
+        out.cls_t = torch.from_numpy(np.stack(cls_ts))
+        out.box_t = torch.from_numpy(np.stack(box_ts))
+    return out
+
+
+def forward_cached(model: Detector, prep: Prepared, idx: torch.Tensor | slice, cut: int):
+    """Dense outputs for cached items: the trainable blocks, neck and head (where the model lives;
+    the cache stays in host memory)."""
+    device = module_device(model)
+    taps = {i: prep.cache[i][idx].to(device).float() for i in TAPS if i < cut}
+    x = prep.cache[cut - 1 if cut > 0 else -1][idx].to(device).float()
+    return model.dense(model.run_blocks(x, cut, taps))
+
+
+@torch.no_grad()
+def predict_cached(model: Detector, prep: Prepared, cut: int, post: dict[str, Any]) -> list[Detections]:
+    """Final detections (original pixels) for every cached item, through models.detection."""
+    model.eval()
+    out: list[Detections] = []
+    n = len(prep.geometries)
+    for start in range(0, n, 64):
+        idx = slice(start, min(n, start + 64))
+        cls, box, ctr = forward_cached(model, prep, idx, cut)
+        scores = torch.sqrt(torch.sigmoid(cls) * torch.sigmoid(ctr)[..., None]).cpu().numpy()
+        boxes = model.decode_boxes(box).cpu().numpy()
+        for j in range(len(scores)):
+            out.append(postprocess(boxes[j], scores[j], geometry=prep.geometries[start + j], **post))
+    return out
+
+
+# ---- building one --------------------------------------------------------------------------------
+def input_size(image_size: int) -> tuple[int, int]:
+    """(height, width) of the model input: `image_size` wide, 4:5 as tall, both multiples of 32."""
+    return max(32, (image_size * 4 // 5) // 32 * 32), image_size
+
+
+def build_detector(
+    recipe: DetectionRecipe, labels: list[str], init: InitCheckpoint | None
+) -> tuple[Detector, BaseModelInfo, list[str]]:
+    """ImageNet MobileNetV2 + a fresh neck and head, or the --init-from detector with its class
+    layer re-initialised for new classes (keeping the rows of classes both share)."""
+    height, width = input_size(recipe.image_size)
+    if init is None:
+        dcfg = DetectorConfig(len(labels), height, width, recipe.neck_width, recipe.tower_depth)
+        # recipe.pretrained = False gives the no-transfer baseline (random-init backbone).
+        backbone = load_image_backbone("mobilenet_v2", 1000, pretrained=recipe.pretrained)
+        return Detector(backbone.stages[:N_BLOCKS], dcfg), backbone.info, []
+    try:
+        meta = json.loads(init.metadata[CHECKPOINT_KEY])
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"--init-from {init.ref}: its checkpoint does not describe a detector ({e})") from e
+    parent = DetectorConfig(**meta["config"])
+    dcfg = DetectorConfig(len(labels), height, width, parent.neck_width, parent.tower_depth)
+    backbone = load_image_backbone("mobilenet_v2", 1000, pretrained=False)
+    model = Detector(backbone.stages[:N_BLOCKS], replace(parent, num_classes=len(meta["labels"])))
+    model.load_state_dict(init.state, strict=True)
+    if meta["labels"] != labels:
+        keep = {i: meta["labels"].index(lab) for i, lab in enumerate(labels) if lab in meta["labels"]}
+        model.head.reset_classes(len(labels), keep)
+        note = (
+            f"init-from {init.ref}: classes changed ({meta['labels']} -> {labels}); class layer re-initialised, "
+            f"{len(keep)} shared class row(s) carried over"
+        )
+    else:
+        note = f"init-from {init.ref}: same classes, every weight reused"
+    model.cfg = dcfg
+    info = BaseModelInfo(
+        id=f"graft/{init.ref}",
+        source=f"--init-from {init.folder}",
+        license="same as the parent artifact",
+        architecture="mobilenet_v2 + lite FPN + FCOS-style head (stride 8)",
+    )
+    return model, info, [note]

@@ -6,8 +6,6 @@ service runs, so evaluation measures exactly what will be served.
 
 from __future__ import annotations
 
-import gzip
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,24 +15,9 @@ from PIL import Image
 from models.errors import InvalidInput
 from models.preprocess import DecodeLimits, ImagePreprocessor, decode_image
 
-from .common import hash_arrays, log, progress
+from ..console import log, progress
+from . import fashion_mnist, hash_arrays
 
-FASHION_MNIST_DIRS = (
-    os.environ.get("GRAFT_FASHION_MNIST", ""),
-    "/usr/share/datasets/fashion-mnist",
-)
-FASHION_MNIST_LABELS = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 
@@ -84,21 +67,6 @@ class ImageDataset:
     description: str = ""
 
 
-def _find_fashion_mnist() -> Path:
-    for d in FASHION_MNIST_DIRS:
-        if d and (Path(d) / "t10k-images-idx3-ubyte.gz").is_file():
-            return Path(d)
-    raise FileNotFoundError(
-        "Fashion-MNIST not found. Install the Debian package (apt-get install -y dataset-fashion-mnist), "
-        "set GRAFT_FASHION_MNIST to a folder with the four *-ubyte.gz files, or pass --data IMAGE_FOLDER."
-    )
-
-
-def _idx(path: Path, offset: int) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        return np.frombuffer(f.read(), np.uint8, offset=offset)
-
-
 def stratified_split(labels: np.ndarray, n_holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (keep, holdout) with `n_holdout` items drawn per class in proportion."""
     rng = np.random.default_rng(seed)
@@ -113,11 +81,9 @@ def stratified_split(labels: np.ndarray, n_holdout: int, seed: int) -> tuple[np.
 
 
 def load_fashion_mnist(val_size: int, seed: int, train_limit: int | None = None) -> ImageDataset:
-    d = _find_fashion_mnist()
-    x_train = _idx(d / "train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
-    y_train = _idx(d / "train-labels-idx1-ubyte.gz", 8).astype(np.int64)
-    x_test = _idx(d / "t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
-    y_test = _idx(d / "t10k-labels-idx1-ubyte.gz", 8).astype(np.int64)
+    """Fashion-MNIST: the train split less a stratified validation hold-out, the official test split."""
+    x_train, y_train = fashion_mnist.load("train")
+    x_test, y_test = fashion_mnist.load("test")
     digest = hash_arrays(x_train, y_train, x_test, y_test)
     full = ImageSplit(labels=y_train, arrays=x_train)
     keep, hold = stratified_split(y_train, val_size, seed)
@@ -127,7 +93,7 @@ def load_fashion_mnist(val_size: int, seed: int, train_limit: int | None = None)
         train = train.subset(keep2)
     return ImageDataset(
         name="fashion-mnist",
-        labels=list(FASHION_MNIST_LABELS),
+        labels=list(fashion_mnist.LABELS),
         train=train,
         val=val,
         test=ImageSplit(labels=y_test, arrays=x_test),

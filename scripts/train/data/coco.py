@@ -1,4 +1,4 @@
-"""Object-detection datasets in COCO format: loading, splitting, and COCO-style evaluation.
+"""Object-detection datasets in COCO format: loading and splitting (COCO metrics: scripts/train/metrics.py).
 
 `--data` for object-detection takes either
 
@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .common import hash_arrays, log
-from .image_data import readable_image
+from ..console import log
+from . import hash_arrays
+from .images import readable_image
 
 SPLITS = ("train", "val", "test")
 
@@ -231,86 +232,4 @@ def load_detection_data(data: Path, seed: int, train_limit: int | None = None) -
         test=splits["test"],
         sha256=digest,
         description=f"COCO json {', '.join(f.name for f in files)} from {data}",
-    )
-
-
-# ---- COCO evaluation -----------------------------------------------------------------------
-@dataclass
-class CocoReport:
-    map: float  # mAP@[.5:.95]
-    map50: float
-    map75: float
-    per_class: dict[str, dict[str, float]]
-    images: int
-    objects: int
-
-    def values(self) -> dict[str, float]:
-        return {"map": round(self.map, 5), "map50": round(self.map50, 5), "map75": round(self.map75, 5)}
-
-
-def coco_evaluate(
-    split: DetectionSplit,
-    labels: list[str],
-    predictions: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-) -> CocoReport:
-    """COCO bbox metrics (faster-coco-eval) for per-image predictions (boxes xyxy, scores, labels)."""
-    from faster_coco_eval import COCO, COCOeval_faster
-
-    gt: dict[str, Any] = {
-        "images": [],
-        "annotations": [],
-        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(labels)],
-    }
-    dets: list[dict[str, Any]] = []
-    for i, (im, (boxes, scores, classes)) in enumerate(zip(split.images, predictions, strict=True)):
-        gt["images"].append({"id": i + 1, "width": im.width, "height": im.height})
-        for b, c in zip(im.boxes, im.labels, strict=True):
-            w, h = float(b[2] - b[0]), float(b[3] - b[1])
-            gt["annotations"].append(
-                {
-                    "id": len(gt["annotations"]) + 1,
-                    "image_id": i + 1,
-                    "category_id": int(c) + 1,
-                    "bbox": [float(b[0]), float(b[1]), w, h],
-                    "area": w * h,
-                    "iscrowd": 0,
-                }
-            )
-        for b, s, c in zip(boxes, scores, classes, strict=True):
-            dets.append(
-                {
-                    "image_id": i + 1,
-                    "category_id": int(c) + 1,
-                    "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
-                    "score": float(s),
-                }
-            )
-    coco_gt = COCO(gt)
-    if not dets:
-        zero = {n: {"ap": 0.0, "ap50": 0.0, "objects": 0} for n in labels}
-        return CocoReport(0.0, 0.0, 0.0, zero, len(split), split.objects)
-    coco_dt = coco_gt.loadRes(dets)
-    ev = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=lambda *a, **k: None)
-    ev.evaluate()
-    ev.accumulate()
-    ev.summarize()
-    stats = ev.stats
-    # precision: [iou thresholds (10), recall points (101), classes, area ranges, max dets]
-    precision = np.asarray(ev.eval["precision"])
-    all_labels = np.concatenate([im.labels for im in split.images] or [np.zeros(0, np.int64)])
-    counts = np.bincount(all_labels, minlength=len(labels))
-    per_class = {}
-    for k, name in enumerate(labels):
-        p_all = precision[:, :, k, 0, -1]
-        p50 = precision[0, :, k, 0, -1]
-        ap = float(p_all[p_all > -1].mean()) if (p_all > -1).any() else 0.0
-        ap50 = float(p50[p50 > -1].mean()) if (p50 > -1).any() else 0.0
-        per_class[name] = {"ap": round(ap, 5), "ap50": round(ap50, 5), "objects": int(counts[k])}
-    return CocoReport(
-        map=max(0.0, float(stats[0])),
-        map50=max(0.0, float(stats[1])),
-        map75=max(0.0, float(stats[2])),
-        per_class=per_class,
-        images=len(split),
-        objects=split.objects,
     )

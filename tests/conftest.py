@@ -3,11 +3,13 @@ quick recipes, and real `bentoml serve` processes on loopback."""
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,53 @@ def fashion_test() -> tuple[np.ndarray, np.ndarray]:
     x = np.frombuffer(gzip.open(FASHION / "t10k-images-idx3-ubyte.gz").read(), np.uint8, offset=16)
     y = np.frombuffer(gzip.open(FASHION / "t10k-labels-idx1-ubyte.gz").read(), np.uint8, offset=8)
     return x.reshape(-1, 28, 28), y.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class TinyData:
+    """Datasets small enough that a fine-tune on them takes seconds (CLI and README tests)."""
+
+    images: Path  # ImageFolder: 3 classes x 16 images, PNG and JPEG, 40 px
+    coco: Path  # a folder with train.json, val.json, test.json and images/
+    coco_json: Path  # one COCO json whose images the loader splits 80/10/10
+    texts: Path  # CSV with text and label columns, 60 tweets
+    unlabelled: Path  # .txt, one text a line
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory, fashion_test) -> TinyData:
+    from scripts.train.data.detection_demo import DemoSpec, generate
+    from scripts.train.data.text import load_text_dataset
+
+    root = tmp_path_factory.mktemp("tiny")
+    x, y = fashion_test
+    for cid, name in {1: "trouser", 7: "sneaker", 8: "bag"}.items():
+        (root / "images" / name).mkdir(parents=True)
+        for n, i in enumerate((y == cid).nonzero()[0][:16]):
+            fmt = "JPEG" if n % 2 else "PNG"
+            img = Image.fromarray(x[i]).resize((40, 40))
+            (root / "images" / name / f"{n:02d}.{fmt.lower()}").write_bytes(encode(img, fmt))
+    coco = generate(root / "coco", DemoSpec(train=16, val=4, test=4, seed=5), show_progress=False)
+    shelf = generate(root / "shelf", DemoSpec(train=20, val=0, test=0, seed=6), show_progress=False)
+    (shelf / "train.json").rename(shelf / "instances.json")
+    for split in ("val", "test"):
+        (shelf / f"{split}.json").unlink()
+    corpus = load_text_dataset(None, seed=0)
+    with (root / "reviews.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(
+            (t, corpus.labels[c]) for t, c in zip(corpus.train.texts[:60], corpus.train.labels[:60], strict=True)
+        )
+    (root / "unlabelled.txt").write_text("\n".join(corpus.train.texts[100:140]) + "\n", encoding="utf-8")
+    return TinyData(root / "images", coco, shelf / "instances.json", root / "reviews.csv", root / "unlabelled.txt")
+
+
+def publish_copy(artifact: Path, registry: Path) -> Path:
+    """Copy an artifact into another registry under its own name and version."""
+    dst = registry / artifact.parent.name / artifact.name
+    shutil.copytree(artifact, dst)
+    return dst
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:

@@ -276,8 +276,8 @@ def test_int8_quantization_keeps_accuracy(sentiment_artifact: Path, tmp_path: Pa
     """The --quantize int8 quantizer on the quick model: small accuracy cost, no batch dependence."""
     import onnx
 
-    from scripts.train.int8 import batch_dependence, quantize_int8
     from models.runtime import create_session
+    from scripts.train.int8 import batch_dependence, quantize_int8
 
     tok = _tokenizer(sentiment_artifact)
     ds = load_text_dataset(None, seed=0, test_limit=1000)

@@ -34,7 +34,6 @@ def _sgd_trainer(top: nn.Module, x: torch.Tensor, y: np.ndarray, epochs: int) ->
 
 def _adamw_trainer(top: nn.Module, x: torch.Tensor, y: np.ndarray, epochs: int) -> Trainer:
     """Adam's state (moments, step counts), a warm-up schedule and python-drawn batch order."""
-    import random
 
     trainer = _sgd_trainer(top, x, y, epochs)
     opt = torch.optim.AdamW(top.parameters(), lr=0.01)

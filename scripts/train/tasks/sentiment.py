@@ -136,11 +136,11 @@ class Sentiment(Task[SentimentRecipe]):
     select = "val_macro_f1"
 
     def load_data(self) -> DataSummary:
-        r, o = self.recipe, self.options
+        r = self.recipe
         try:
             data = load_text_dataset(
-                o.data,
-                seed=o.seed,
+                self.options.data,
+                seed=self.options.seed,
                 val_fraction=r.val_fraction,
                 test_fraction=r.test_fraction,
                 irreparable=r.irreparable,  # type: ignore[arg-type]

@@ -39,12 +39,13 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _build(registry: Path, task: str, *extra: str) -> Path:
-    """The newest valid artifact of `task` in the registry, built with --quick if there is none."""
+    """The artifact of `task` the registry serves, built with --quick if there is none, or if it
+    predates checkpoint.safetensors (tests fine-tune from it with --init-from)."""
     from models.servable import served_version
     from scripts.finetune import main
 
     existing = served_version(registry, task)
-    if existing:
+    if existing and (registry / task / existing / "checkpoint.safetensors").is_file():
         return registry / task / existing
     return main([task, "--quick", "--registry", str(registry), *extra])
 

@@ -20,8 +20,6 @@ SERVER_STACK = ("service", "bentoml", "fastapi", "starlette")
 # Built on training, so training must not import them back (import cycles).
 ABOVE_TRAINING = (
     "scripts.bench",
-    "scripts.bench_peer",
-    "scripts.bench_sentiment_int8",
     "scripts.make_detection_data",
     "scripts.transfer_study",
     "scripts.finetune",

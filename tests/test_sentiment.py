@@ -304,7 +304,7 @@ def test_int8_quantization_keeps_accuracy(sentiment_artifact: Path, tmp_path: Pa
     assert batch_dependence(int8, tok, texts[:32]) <= 1e-5
 
     # The op-level profile behind docs/sentiment_int8.md: int8 swaps fp32 MatMuls for integer ones.
-    from scripts.bench_sentiment_int8 import GEMM_OPS, op_profile, op_profile_lines
+    from scripts.bench.sentiment_int8 import GEMM_OPS, op_profile, op_profile_lines
 
     feeds = [tok(texts[i : i + 32]).feeds(names) for i in range(0, 64, 32)]
     p32, p8 = op_profile(sentiment_artifact / "model.onnx", feeds, 2), op_profile(tmp_path / "int8.onnx", feeds, 2)

@@ -28,7 +28,8 @@ import numpy as np
 from PIL import Image
 
 from models.artifact import load_artifact
-from scripts.registry import served_version
+from models.servable import served_version
+from models.versions import default_registry
 from scripts.server_process import REPO, BentoServer, free_port
 
 DOCS = REPO / "docs"
@@ -192,7 +193,7 @@ class Peer:
         self.proc = subprocess.Popen(
             [
                 uvicorn,
-                "scripts.bench_peer:app",
+                "scripts.bench.peer:app",
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -329,7 +330,7 @@ def reload_run(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--registry", default=os.environ.get("MODEL_REGISTRY") or str(REPO / "models" / "registry"))
+    p.add_argument("--registry", default=str(default_registry()))
     p.add_argument("--duration", type=float, default=12.0, help="seconds per load point, over all rounds")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per load point (medians reported)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])

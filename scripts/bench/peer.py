@@ -5,7 +5,7 @@ decoding, same weights as the graft artifact (its checkpoint.safetensors) and th
 preprocessing numbers. Started by scripts/bench.py:
 
     GRAFT_PEER_ARTIFACT=models/registry/image-classification/<version> \
-        uvicorn scripts.bench_peer:app --port 3900
+        uvicorn scripts.bench.peer:app --port 3900
 """
 
 from __future__ import annotations

@@ -181,10 +181,6 @@ class Task(ABC, Generic[R]):
         """The module to export and an example input."""
 
     @abstractmethod
-    def contract(self) -> Contract:
-        """Tensors and pre/postprocessing for the manifest."""
-
-    @abstractmethod
     def parity(self, session: Any) -> tuple[ParityReport, str]:
         """Compare PyTorch with the exported model on held-out inputs; (report, one-line summary)."""
 
@@ -203,6 +199,10 @@ class Task(ABC, Generic[R]):
     @abstractmethod
     def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The weights `--init-from` continues from, and their description (safetensors metadata)."""
+
+    @abstractmethod
+    def contract(self) -> Contract:
+        """Tensors and pre/postprocessing for the manifest."""
 
     def config(self) -> dict[str, Any]:
         """Task-specific entries for the manifest's training.config."""

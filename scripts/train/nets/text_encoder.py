@@ -9,6 +9,7 @@ checkpoint and would start from random weights).
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,10 +95,19 @@ class SentimentModel(nn.Module):
         return self.head(self.dropout(pooled))
 
 
+def quiet_transformers() -> None:
+    """No transformers progress bars where graft's own are off (GRAFT_NO_PROGRESS=1: logs, tests)."""
+    if os.environ.get("GRAFT_NO_PROGRESS") == "1":
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
+
 def load_encoder(source: str) -> nn.Module:
     """The pretrained encoder from a folder or a hub id."""
     from transformers import AutoModel
 
+    quiet_transformers()
     # Eager attention: the TorchScript exporter traces it into plain MatMul/Softmax ops that
     # ONNX Runtime fuses; the SDPA path adds data-dependent mask code for no speed gain on CPU.
     return AutoModel.from_pretrained(source, attn_implementation="eager")
@@ -149,6 +159,7 @@ def adapt_mlm(
     """
     from transformers import AutoModelForMaskedLM
 
+    quiet_transformers()
     device = device or torch.device("cpu")
     mlm = AutoModelForMaskedLM.from_pretrained(source, attn_implementation="eager").to(device)
     mask_id = next((i for i in map(tok.token_id, ("[MASK]", "<mask>")) if i is not None), None)

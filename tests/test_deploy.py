@@ -66,8 +66,9 @@ def cpu_quantity(q: str | int) -> float:
 
 
 def env_names_read_by_graft(name: str) -> bool:
+    """Whether the server's code reads `name`: service/, or models/ below it (MODEL_REGISTRY)."""
     return f'"{name}"' in CONFIG_SOURCE or f'"{name}"' in "".join(
-        p.read_text() for p in (REPO / "service").rglob("*.py")
+        p.read_text() for folder in ("service", "models") for p in (REPO / folder).rglob("*.py")
     )
 
 

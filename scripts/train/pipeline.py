@@ -122,11 +122,13 @@ def load_init(options: Options) -> InitCheckpoint:
 
 
 def fingerprint(task: Task, data: DataSummary) -> str:
-    """What makes two runs the same run: a checkpoint from another one must not be resumed."""
+    """What makes two runs the same training run: a checkpoint from another one must not be resumed.
+    (Whether baselines are measured does not change training, so it is left out.)"""
     o = task.options
+    recipe = {k: v for k, v in task.recipe.as_config().items() if k != "baselines"}
     raw = {
         "task": o.task,
-        "recipe": task.recipe.as_config(),
+        "recipe": recipe,
         "seed": o.seed,
         "data": data.sha256,
         "backbone": o.backbone,

@@ -12,7 +12,9 @@ answering /livez and small requests between parses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -24,6 +26,10 @@ T = TypeVar("T")
 
 # Below this, parsing takes well under a millisecond: cheaper inline than a thread hop.
 INLINE_BYTES = 64 * 1024
+# One large parse at a time per worker. The parser holds the GIL from start to end, so two
+# threads parsing never overlap anyway; queued on this lock (which waits without the GIL), the
+# next parse cannot grab the GIL before the event loop gets its turn between two parses.
+_PARSING = threading.Lock()
 
 # Peak bytes per structural character, measured with tracemalloc on CPython 3.11 over bodies
 # made of one repeated element (floats, ints, strings, empty and one-element lists, dicts):
@@ -66,9 +72,9 @@ def load_json(body: bytes, *, what: str = "body") -> Any:
 def parse_held(body: bytes, convert: Callable[[Any], T], budget: MemoryHold | None, *, what: str = "body") -> T:
     """Parse `body` and turn the result into what the request needs (`convert`), holding the
     parse's estimated memory in `budget` until the parsed objects are garbage."""
-    if budget is None or len(body) < INLINE_BYTES:
+    if len(body) < INLINE_BYTES:
         return convert(load_json(body, what=what))
-    with budget.hold(json_cost(body)):
+    with budget.hold(json_cost(body)) if budget is not None else contextlib.nullcontext(), _PARSING:
         return convert(load_json(body, what=what))
 
 

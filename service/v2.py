@@ -86,21 +86,18 @@ class InferRequest(BaseModel):
 
 
 def _flatten(data: Any, rank: int, name: str) -> list[Any]:
-    """Row-major values of a flat or nested JSON list, nested at most `rank` deep (no recursion:
-    a deeply nested body must be a 400, not a RecursionError)."""
+    """Row-major values of a flat or nested JSON list, nested at most `rank` deep. Flattens one
+    level at a time (a flat list, the usual case, is returned as is); values that are still lists
+    are refused when numpy converts them."""
     if not isinstance(data, list):
         return [data]
-    out: list[Any] = []
-    stack: list[tuple[Any, int]] = [(data, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if not isinstance(item, list):
-            out.append(item)
-        elif depth > max(rank, 1):
+    level, depth = data, 1
+    while level and isinstance(level[0], list):
+        if depth >= max(rank, 1):
             raise InvalidInput(f"input {name!r}: data is nested deeper than its {rank}-dimensional shape")
-        else:
-            stack.extend((x, depth + 1) for x in reversed(item))
-    return out
+        level = [x for sub in level for x in (sub if isinstance(sub, list) else (sub,))]
+        depth += 1
+    return level
 
 
 def _deserialize_bytes(raw: bytes) -> list[bytes]:
@@ -163,7 +160,7 @@ def _decode_tensor(t: TensorIn, binary: memoryview, offset: int) -> tuple[np.nda
     try:
         with np.errstate(over="ignore", invalid="ignore"):  # out-of-range floats become inf: refused below
             arr = np.asarray(values, dtype=dtype)
-    except (TypeError, ValueError, OverflowError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # also values that are lists, at any depth
         raise InvalidInput(f"input {t.name!r}: values are not {t.datatype}: {e}") from e
     return _finite(t, arr.reshape(t.shape)), offset
 

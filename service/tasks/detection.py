@@ -27,6 +27,7 @@ from ..served import ServedModel, register_task
 @register_task
 class ObjectDetector(ServedModel):
     task = "object-detection"
+    bytes_input_name = "image"
     # Measured (docs/BENCHMARKS.md): the detector's images/s is flat from batch 1 to 64 on CPU,
     # while a batch of 32 letterboxed images holds hundreds of MB of activations in the arena.
     batch_cap = 4

@@ -123,6 +123,8 @@ def _decode_tensor(t: TensorIn, binary: memoryview, offset: int) -> tuple[np.nda
     if t.datatype not in V2_DTYPES:
         raise InvalidInput(f"input {t.name!r}: unsupported datatype {t.datatype!r} (use one of {sorted(V2_DTYPES)})")
     count = math.prod(t.shape)  # exact: np.prod wraps around past 2**63 and a huge shape "fits" no data
+    if count == 0:  # (numpy cannot even reshape nothing into [0, 2**24, 2**24, ...])
+        raise InvalidInput(f"input {t.name!r}: shape {t.shape} holds no values; every dimension must be at least 1")
     size = (t.parameters or {}).get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):

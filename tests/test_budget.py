@@ -101,12 +101,13 @@ BODIES = {
 }
 
 
+@pytest.mark.parametrize("yielding", [False, True])
 @pytest.mark.parametrize("name", sorted(BODIES))
-def test_json_cost_covers_the_parse_peak(name: str) -> None:
+def test_json_cost_covers_the_parse_peak(name: str, yielding: bool) -> None:
     body = BODIES[name].encode()
     tracemalloc.start()
     try:
-        parsed = load_json(body)
+        parsed = load_json(body, yielding=yielding)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -117,8 +118,32 @@ def test_json_cost_covers_the_parse_peak(name: str) -> None:
 
 def test_depth_bombs_are_invalid_input() -> None:
     for bomb in ("[" * 10_000 + "]" * 10_000, '{"a":' * 10_000 + "1" + "}" * 10_000):
-        with pytest.raises(InvalidInput, match="nested too deeply"):
-            load_json(bomb.encode())
+        for yielding in (False, True):
+            with pytest.raises(InvalidInput, match="nested too deeply"):
+                load_json(bomb.encode(), yielding=yielding)
+
+
+def test_yielding_parse_gives_the_same_values_and_lets_other_threads_run() -> None:
+    body = json.dumps({"data": [0.123456 + i for i in range(1_500_000)], "ids": list(range(-5, 500_000))}).encode()
+    t0 = time.perf_counter()
+    plain = load_json(body)
+    plain_s = time.perf_counter() - t0  # the plain parser holds the GIL this long in one go
+    assert load_json(body, yielding=True) == plain
+    stalls: list[float] = []
+    done = threading.Event()
+
+    def parse() -> None:
+        load_json(body, yielding=True)
+        done.set()
+
+    worker = threading.Thread(target=parse)
+    worker.start()
+    while not done.is_set():
+        t0 = time.perf_counter()
+        time.sleep(0.001)
+        stalls.append(time.perf_counter() - t0)
+    worker.join()
+    assert max(stalls) < plain_s / 2, (max(stalls), plain_s)
 
 
 # ---- images ----------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ class ModelPool:
             if state.served.task != task:
                 raise InvalidInput(f"model {name!r} is a {state.served.task} model, not {task}")
             return state.served
-        candidates = [s.served for s in self._states.values() if s.served and s.served.task == task]
+        candidates = [s.served for s in self._snapshot() if s.served and s.served.task == task]
         if not candidates:
             raise ModelNotFound(f"no {task} model is loaded; see GET /models")
         for m in candidates:
@@ -114,17 +114,22 @@ class ModelPool:
                 return m
         return sorted(candidates, key=lambda m: m.name)[0]
 
+    def _snapshot(self) -> list[ModelState]:
+        # A scan adds and removes names from another thread: iterating the dict itself could
+        # raise "dictionary changed size during iteration"; list() copies it in one step.
+        return list(self._states.values())
+
     def served(self) -> list[ServedModel]:
-        return [s.served for s in self._states.values() if s.served is not None]
+        return [s.served for s in self._snapshot() if s.served is not None]
 
     def report(self) -> list[dict[str, Any]]:
-        return [self._states[n].report() for n in sorted(self._states)]
+        return [s.report() for s in sorted(self._snapshot(), key=lambda s: s.name)]
 
     @property
     def ready(self) -> bool:
         """Ready when at least one model serves: a model name with nothing servable is reported in
         /models, never a reason to take every pod that shares the registry out of rotation."""
-        return any(s.served is not None for s in self._states.values())
+        return any(s.served is not None for s in self._snapshot())
 
     # ---- loading ------------------------------------------------------------------------
     def _public(self, message: str) -> str:

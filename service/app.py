@@ -226,7 +226,7 @@ async def require_admin(authorization: Annotated[str | None, Header()] = None) -
 async def admin_reload(pool: Pool) -> dict:
     """Rescan the registry and swap in new valid versions in every worker, without dropping requests.
 
-    Answers once every worker has reloaded (or after 60 s), with `workers.converged`.
+    Answers once every worker has reloaded (or after 45 s), with `workers.converged` and each model's outcome.
     """
     reloader: Reloader = get_reloader()
     return await reloader.reload_everywhere(expected_workers=pool.settings.workers)

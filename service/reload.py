@@ -194,8 +194,9 @@ class Reloader:
                 await self._task
             self._task = None
 
-    async def reload_everywhere(self, expected_workers: int, timeout_s: float = 60.0) -> dict[str, Any]:
-        """Admin reload: this worker now, the others through the signal; wait until all caught up."""
+    async def reload_everywhere(self, expected_workers: int, timeout_s: float = 45.0) -> dict[str, Any]:
+        """Admin reload: this worker now, the others through the signal; wait until all caught up
+        (at most `timeout_s`, under BentoML's 60 s request timeout, so the answer is ours)."""
         try:
             token = self.signal.request()
         except OSError as e:  # the state folder is unwritable: still reload this worker, and say so

@@ -268,15 +268,31 @@ def _rows_from_tensors(model: ServedModel, decoded: dict[str, np.ndarray | list[
     return model.rows_from_tensors(tensors)
 
 
-def _json_values_per_row(model: ServedModel) -> int | None:
-    """Numbers per row in a JSON answer of every output, when the manifest fixes them."""
+def _expected_json_values(model: ServedModel, req: InferRequest, rows: int) -> int:
+    """Numbers the JSON part of the answer will hold, from the manifest's output shapes (outputs
+    with an open dimension besides the batch count 0 here; `render` checks them again)."""
+    shapes = {o.name: o.shape[1:] for o in model.manifest.outputs}
+    wanted = req.outputs or [OutputRequest(name=n) for n in shapes]
+    binary_all = bool((req.parameters or {}).get("binary_data_output", False))
     total = 0
-    for o in model.manifest.outputs:
-        dims = o.shape[1:]
-        if not all(isinstance(d, int) for d in dims):
-            return None
-        total += math.prod(dims)  # type: ignore[arg-type]
+    for o in wanted:
+        params = o.parameters or {}
+        dims = shapes.get(o.name)
+        if dims is None or params.get("binary_data", binary_all):
+            continue
+        k = params.get("classification")
+        if isinstance(k, int) and k > 0:
+            total += rows * k
+        elif all(isinstance(d, int) for d in dims):
+            total += rows * math.prod(dims)  # type: ignore[arg-type]
     return total
+
+
+def _bytes_rows(model: ServedModel, items: list[bytes]) -> list[Any]:
+    """BYTES elements to batcher items (on a decode thread): images arrive base64 in JSON."""
+    if model.bytes_input_name == "image":
+        items = [_maybe_base64(i) for i in items]
+    return model.rows_from_bytes(items)
 
 
 def _check_json_size(values: int) -> None:
@@ -365,18 +381,11 @@ async def infer(model: ServedModel, request: Request, pool: ModelPool) -> Respon
         assert isinstance(items, list)
         if not items or len(items) > MAX_V2_BATCH:
             raise InvalidInput(f"a BYTES input needs 1 to {MAX_V2_BATCH} elements, got {len(items)}")
-        if model.bytes_input_name == "image":
-            items = [_maybe_base64(i) for i in items]
-        n_rows = len(items)
-        per_row = _json_values_per_row(model)
-        if per_row is not None and not (req.parameters or {}).get("binary_data_output"):
-            _check_json_size(n_rows * per_row)  # before decoding anything
-        rows = await asyncio.get_running_loop().run_in_executor(model.cpu_executor, model.rows_from_bytes, items)
+        _check_json_size(_expected_json_values(model, req, len(items)))  # before decoding anything
+        rows = await asyncio.get_running_loop().run_in_executor(model.cpu_executor, _bytes_rows, model, items)
     else:
         rows = _rows_from_tensors(model, decoded)
-        per_row = _json_values_per_row(model)
-        if per_row is not None and not (req.parameters or {}).get("binary_data_output"):
-            _check_json_size(len(rows) * per_row)  # before running anything
+        _check_json_size(_expected_json_values(model, req, len(rows)))  # before running anything
     del decoded
 
     results = await model.submit_all(rows)

@@ -589,6 +589,7 @@ class InstalledServer(BentoServer):
 
     def start(self) -> InstalledServer:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
+        env.pop("PYTHONPATH", None)  # the installed wheel, not a checkout on the path
         cmd = [str(Path(self.python).parent / "bentoml"), "serve", "service:Graft"]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         if self.trace is not None:

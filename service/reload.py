@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import stat
 import tempfile
 import time
@@ -77,12 +78,27 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def remove_stale_state_dirs(own: Path) -> None:
+    """Delete the default state folders of this user's servers that have exited (the server's
+    pid is in the name), so that /tmp does not collect one folder per `bentoml serve` run."""
+    prefix = f"graft-state-{os.getuid()}-"
+    for folder in own.parent.glob(prefix + "*"):
+        pid = folder.name[len(prefix) :].split("-", 1)[0]
+        if folder == own or not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            st = folder.lstat()
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+                shutil.rmtree(folder)
+
+
 class ReloadSignal:
     """A folder shared by the workers of one server (GRAFT_STATE_DIR, default under /tmp)."""
 
     def __init__(self, registry: Path, state_dir: Path | None = None) -> None:
         if state_dir is None:
             self.dir = private_dir(default_state_dir(registry))
+            remove_stale_state_dirs(self.dir)
         else:  # the operator's choice (e.g. a volume): used as given
             self.dir = Path(state_dir)
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -60,3 +60,21 @@ def test_a_planted_state_folder_is_refused(tmp_path: Path, plant: str) -> None:
         os.chown(target, 4242, 4242)
     with pytest.raises(RuntimeError, match="GRAFT_STATE_DIR"):
         private_dir(target)
+
+
+def test_state_folders_of_exited_servers_are_removed(tmp_path: Path, monkeypatch) -> None:
+    import subprocess
+    import tempfile
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that has exited
+    stale = tmp_path / f"graft-state-{os.getuid()}-{gone.pid}-abc"
+    live = tmp_path / f"graft-state-{os.getuid()}-{os.getpid()}-abc"  # a running server's
+    other = tmp_path / "graft-state-unrelated"
+    for folder in (stale, live, other):
+        folder.mkdir(mode=0o700)
+        (folder / "reload-token").write_text("3")
+    signal = ReloadSignal(Path("/some/registry"))
+    assert signal.dir.is_dir() and not stale.exists() and live.is_dir() and other.is_dir()

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from .errors import ArtifactError
 from .manifest import Manifest, TextPreprocessing
+from .versions import shared_file_mode
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
@@ -92,6 +93,9 @@ def write_manifest(folder: Path, manifest: Manifest) -> Path:
     with os.fdopen(fd, "w") as f:
         f.write(manifest.model_dump_json(indent=2))
         f.write("\n")
+        # mkstemp makes the file 0600: servers that read a shared registry as another user (the
+        # image runs as uid 10001) would refuse every version published by someone else.
+        os.fchmod(f.fileno(), shared_file_mode())
     os.replace(tmp, folder / MANIFEST)
     return folder / MANIFEST
 

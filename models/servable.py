@@ -5,7 +5,9 @@ A version is *servable* when all of this holds, checked in this order by `open_v
 1. the folder is a valid artifact (schema, every file's sha256; `models.artifact`);
 2. its manifest names this model and a task graft serves;
 3. ONNX Runtime opens `model.onnx`, and the graph's inputs are the ones the manifest declares;
-4. the stored warm-up sample, run through the serving preprocessing, reproduces the output
+4. the task can serve the graph (`check_task`): a detector's graph returns `boxes` and `scores`
+   without NMS inside; a text model's embedding covers its tokenizer's whole vocabulary;
+5. the stored warm-up sample, run through the serving preprocessing, reproduces the output
    recorded at export (within the manifest's tolerance).
 
 Any exception along the way refuses the version, whatever its type: ONNX Runtime raises plain
@@ -71,7 +73,8 @@ def _warmup_detection(artifact: Artifact, session: ort.InferenceSession, data: b
     from .preprocess import ImagePreprocessor
 
     post = artifact.manifest.postprocessing
-    tensor, geometry = ImagePreprocessor(artifact.manifest.preprocessing).from_bytes(data)  # type: ignore[arg-type]
+    pre = ImagePreprocessor(artifact.manifest.preprocessing)  # type: ignore[arg-type]
+    tensor, geometry = pre.from_bytes(data, draft=False)  # as the service decodes uploads
     boxes, scores = session.run(["boxes", "scores"], {session.get_inputs()[0].name: tensor[None]})
     rows = postprocess(
         boxes[0],
@@ -101,6 +104,38 @@ WARMUPS: dict[str, Callable[[Artifact, Any, bytes], np.ndarray]] = {
     "object-detection": _warmup_detection,
     "sentiment": _warmup_sentiment,
 }
+
+
+def check_task(artifact: Artifact, session: ort.InferenceSession) -> None:
+    """Refuse a graph the task's serving code cannot use, before a request finds out."""
+    m = artifact.manifest
+    outputs = {o.name for o in session.get_outputs()}
+    if m.task == "object-detection":
+        post = m.postprocessing
+        if post is not None and getattr(post, "nms_in_graph", False):
+            raise ArtifactError("graphs with NMS inside are not supported by this service")
+        if not {"boxes", "scores"} <= outputs:
+            raise ArtifactError(
+                f"a detector's graph must return 'boxes' and 'scores', this one returns {sorted(outputs)}"
+            )
+    if m.task == "sentiment":
+        from .text import load_text_tokenizer
+
+        # Every id the tokenizer can produce must be a row of the embedding: a tokenizer larger
+        # than the model would fail on the first request holding a rare token.
+        tokenizer = load_text_tokenizer(m.preprocessing, artifact.path)  # type: ignore[arg-type]
+        last = tokenizer.vocab_size - 1
+        feeds = {
+            "input_ids": np.array([[last]], dtype=np.int64),
+            "attention_mask": np.ones((1, 1), dtype=np.int64),
+            "token_type_ids": np.zeros((1, 1), dtype=np.int64),
+        }
+        try:
+            session.run(None, {i.name: feeds[i.name] for i in session.get_inputs() if i.name in feeds})
+        except Exception as e:
+            raise ArtifactError(
+                f"the model cannot take token id {last}, the last of its tokenizer's vocabulary: {_one_line(e)}"
+            ) from e
 
 
 def check_warmup(artifact: Artifact, session: ort.InferenceSession) -> None:
@@ -147,6 +182,7 @@ def open_version(
         if graph_inputs != declared:
             raise ArtifactError(f"manifest inputs {sorted(declared)} do not match the graph's {sorted(graph_inputs)}")
         try:
+            check_task(artifact, session)
             check_warmup(artifact, session)
         except ArtifactError:
             raise

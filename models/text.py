@@ -48,6 +48,16 @@ class TokenBatch:
         return self.attention_mask.sum(1)
 
 
+@dataclass(frozen=True)
+class TokenRow:
+    """One text already turned into token ids elsewhere (a KServe v2 client's tensors): the three
+    sequences `TextTokenizer.pad` reads from a tokenizers `Encoding`."""
+
+    ids: np.ndarray
+    attention_mask: np.ndarray
+    type_ids: np.ndarray
+
+
 def pad_id_of(tokenizer: Tokenizer) -> int:
     """The pad token id: from the file's padding block, else by the usual pad token names."""
     padding = tokenizer.padding
@@ -90,8 +100,8 @@ class TextTokenizer:
             texts = [t.lower() for t in texts]
         return self._tok.encode_batch(list(texts), add_special_tokens=True)
 
-    def pad(self, encodings: Sequence[Encoding]) -> TokenBatch:
-        """Right-pad encodings to the longest one among them."""
+    def pad(self, encodings: Sequence[Encoding | TokenRow]) -> TokenBatch:
+        """Right-pad encodings (or token rows) to the longest one among them."""
         n = len(encodings)
         longest = max((len(e.ids) for e in encodings), default=0)
         ids = np.full((n, longest), self.pad_id, dtype=np.int64)
@@ -100,7 +110,7 @@ class TextTokenizer:
         for i, e in enumerate(encodings):
             k = len(e.ids)
             ids[i, :k] = e.ids
-            mask[i, :k] = 1
+            mask[i, :k] = e.attention_mask
             types[i, :k] = e.type_ids
         return TokenBatch(ids, mask, types)
 

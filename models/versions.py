@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -49,12 +50,35 @@ def publish_folder(staged: Path, root: Path, name: str, version: str) -> Path:
     return final
 
 
+def discard_staging(staged: Path) -> None:
+    """Remove a staged version that will not be published (and its per-name folder when empty)."""
+    shutil.rmtree(staged, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        staged.parent.rmdir()
+
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^[0-9]{8}T[0-9]{6}([0-9]{3})?Z-[0-9a-f]{6,12}$")
 
 
 def is_version_name(s: str) -> bool:
     return bool(_VERSION.match(s))
+
+
+def shared_file_mode() -> int:
+    """0644 less the umask: registry files are read by servers running as another user.
+
+    The umask is read from /proc (os.umask can only read it by changing it, process-wide).
+    """
+    umask = 0o022
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644 & ~umask
 
 
 def list_models(root: Path) -> list[str]:
@@ -96,6 +120,7 @@ def write_pin(root: Path, name: str, version: str | None) -> None:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".CURRENT.")
     with os.fdopen(fd, "w") as f:
         f.write(version + "\n")
+        os.fchmod(f.fileno(), shared_file_mode())  # mkstemp's 0600 would hide the pin from the servers
     os.replace(tmp, path)
 
 

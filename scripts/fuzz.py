@@ -4,7 +4,9 @@
 
 Every endpoint gets hostile variants of a valid request: corrupted and truncated images, odd
 form fields and content types, JSON of the wrong shape and type, lone surrogates, non-finite
-numbers, KServe v2 tensors with bad shapes, datatypes and binary framing, bad admin tokens. An
+numbers, JSON nested up to 10,000 deep, KServe v2 tensors with bad shapes, datatypes and binary
+framing, open dimensions (batch, sequence) filled in the hundreds, token ids outside the
+vocabulary, bad admin tokens. An
 answer passes when it is a 2xx or a 4xx whose JSON body names the problem (`{"error": ...}`),
 or a 503 with Retry-After; any other 5xx, a dropped connection or a server that is no longer
 ready afterwards fails the run. Failing requests are printed with the seed and index that
@@ -173,8 +175,26 @@ def _odd_json(rng: random.Random, depth: int = 0) -> Any:
     return {str(_odd_json(rng, 3)): _odd_json(rng, depth + 1) for _ in range(rng.randint(0, 3))}
 
 
+def _deep(rng: random.Random, inner: str = "1") -> str:
+    """JSON nested tens to 10,000 levels deep (a list or object bomb)."""
+    depth = rng.choice([30, 200, 900, 1100, 10_000])
+    if rng.random() < 0.5:
+        return "[" * depth + inner + "]" * depth
+    return '{"a":' * depth + inner + "}" * depth
+
+
 def _sentiment_case(rng: random.Random, models: dict[str, list[str]]) -> Case:
-    kind = rng.randrange(8)
+    kind = rng.randrange(9)
+    if kind == 8:
+        raw = rng.choice(
+            [_deep(rng), '{"texts": ' + _deep(rng, '"x"') + "}", '{"texts": ["a"], "model": ' + _deep(rng) + "}"]
+        )
+        return Case(
+            "/sentiment deep json",
+            "POST",
+            "/sentiment",
+            {"content": raw.encode(), "headers": {"content-type": "application/json"}},
+        )
     if kind == 0:
         body: Any = {"texts": _odd_json(rng)}
     elif kind == 1:
@@ -241,7 +261,22 @@ def _v2_case(rng: random.Random, models: dict[str, list[str]], meta: dict[str, A
         path = f"/v2/models/{name}/versions/{rng.choice([*models.get(name, ['x']), '0', '..'])}/infer"
     spec = (meta.get(name) or {}).get("inputs") or [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 8, 8]}]
     inp = dict(spec[0])
-    kind = rng.randrange(9)
+    kind = rng.randrange(11)
+    if kind == 9:  # deep nesting: the whole body, or one tensor's data
+        raw = rng.choice(
+            [
+                _deep(rng),
+                json.dumps(
+                    {"inputs": [{"name": inp["name"], "datatype": inp["datatype"], "shape": [1], "data": "@"}]}
+                ).replace('"@"', _deep(rng)),
+                '{"inputs":[{"name":"x","datatype":"BYTES","shape":[1],"data":["a"]}],"parameters":' + _deep(rng) + "}",
+            ]
+        )
+        return Case(
+            "v2 deep json", "POST", path, {"content": raw.encode(), "headers": {"content-type": "application/json"}}
+        )
+    if kind == 10:  # open dimensions in the hundreds (a text model's batch and sequence)
+        return _v2_open_dims_case(rng, path, spec)
     shape = [d if d > 0 else rng.choice([0, 1, 2]) for d in inp["shape"]]
     if kind == 0:  # declared tensor, values of the right count but hostile content
         n = int(np.prod(shape))
@@ -332,6 +367,49 @@ def _v2_case(rng: random.Random, models: dict[str, list[str]], meta: dict[str, A
         body = {"id": _odd_json(rng), "inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["ok"]}]}
     text = json.dumps(body, allow_nan=True)
     return Case("v2 request", "POST", path, {"content": text.encode(), "headers": {"content-type": "application/json"}})
+
+
+def _v2_open_dims_case(rng: random.Random, path: str, spec: list[dict[str, Any]]) -> Case:
+    """Every declared input with its open dimensions (-1) filled in the hundreds: [256, 512] token
+    ids run for a minute and take gigabytes unless the server holds them to max_length. Mostly
+    over the limits (cheap 400s); a few valid ones run through the batcher."""
+    rows = rng.choice([1, 2, 64, 256, 257, 300])
+    cols = rng.choice([1, 17, 128, 129, 300, 512, 600])
+    if rng.random() < 0.5:  # keep the valid, expensive case rare
+        rows, cols = rows, max(cols, 129)
+    vocab = rng.choice([1000, 30_000, 30_522, 40_000])
+    inputs = []
+    for t in spec:
+        shape = [d if d > 0 else (rows if i == 0 else cols) for i, d in enumerate(t["shape"])]
+        n = int(np.prod(shape))
+        if n > 400_000:  # an image batch in the hundreds: declared in binary framing, the payload short
+            head = json.dumps(
+                {
+                    "inputs": [
+                        {
+                            **{k: t[k] for k in ("name", "datatype")},
+                            "shape": shape,
+                            "parameters": {"binary_data_size": 4096},
+                        }
+                    ]
+                }
+            ).encode()
+            return Case(
+                "v2 open dims binary",
+                "POST",
+                path,
+                {"content": head + bytes(4096), "headers": {"inference-header-content-length": str(len(head))}},
+            )
+        if t["datatype"] == "INT64":
+            nprng = np.random.default_rng(rng.randrange(1 << 30))
+            data = (nprng.integers(0, 2, n) if "mask" in t["name"] else nprng.integers(0, vocab, n)).tolist()
+        else:
+            data = [0.25] * n
+        inputs.append({"name": t["name"], "datatype": t["datatype"], "shape": shape, "data": data})
+    text = json.dumps({"inputs": inputs})
+    return Case(
+        "v2 open dims", "POST", path, {"content": text.encode(), "headers": {"content-type": "application/json"}}
+    )
 
 
 def _misc_case(rng: random.Random, models: dict[str, list[str]]) -> Case:

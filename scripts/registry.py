@@ -4,9 +4,13 @@
     python -m scripts.registry verify [NAME[/VERSION]]     # the server's own servability check
     python -m scripts.registry pin NAME VERSION        # roll back or forward; served after reload
     python -m scripts.registry unpin NAME              # serve the newest valid version again
-    python -m scripts.registry prune NAME --keep 3 [--dry-run]
+    python -m scripts.registry prune NAME --keep 3 [--dry-run] [--url http://pod:3000 ...]
     python -m scripts.registry import FOLDER [--name NAME]   # copy an artifact in, atomically
     python -m scripts.registry reload --url http://127.0.0.1:3000   # token from GRAFT_ADMIN_TOKEN
+
+Which version is served is decided by `models.servable`, the rule the server itself applies
+(schema, checksums, ONNX Runtime load, warm-up; the pin first, then newest first): `list` marks
+that version, `pin` refuses a version the server would refuse, and `prune` never deletes it.
 
 Needs only the serving install (no torch).
 """
@@ -31,7 +35,8 @@ from models.servable import open_version, resolve_ref, served_version  # noqa: F
 def cmd_list(root: Path, args: argparse.Namespace) -> int:
     rows = []
     for name in versions.list_models(root):
-        served = served_version(root, name)
+        refused: dict[str, str] = {}
+        served = served_version(root, name, refused)
         try:
             pin = versions.read_pin(root, name)
         except ArtifactError as e:
@@ -42,11 +47,15 @@ def cmd_list(root: Path, args: argparse.Namespace) -> int:
                 summary = f"{m.task:<21} {json.dumps(m.metrics.values)}"
             except ArtifactError as e:
                 summary = f"INVALID: {e}"
+            if v in refused:
+                summary = f"REFUSED: {refused[v]}"
             mark = "*" if v == served else " "
             pinned = " (pinned)" if v == pin else ""
             rows.append(f"{mark} {name}/{v}{pinned}  {summary}")
+        if not versions.list_versions(root, name):
+            rows.append(f"  {name}/  (no versions)")
     print("\n".join(rows) if rows else f"(registry {root} is empty)")
-    print("\n* = served by a fresh service", file=sys.stderr)
+    print("\n* = served by a fresh server (the newest version that passes every check, or the pin)", file=sys.stderr)
     return 0
 
 
@@ -83,18 +92,43 @@ def cmd_unpin(root: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+def fleet_versions(urls: list[str], name: str) -> set[str]:
+    """Versions of `name` that running servers report serving (GET /models on each URL)."""
+    out = set()
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ArtifactError(f"--url must be http(s)://, got {url!r}")
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/models", timeout=30) as r:  # noqa: S310 (scheme checked)
+                body = json.loads(r.read())
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"cannot ask {url} what it serves ({e}); nothing was deleted") from e
+        for m in body.get("models", []):
+            if m.get("name") == name and m.get("served_version"):
+                out.add(m["served_version"])
+    return out
+
+
 def cmd_prune(root: Path, args: argparse.Namespace) -> int:
     all_versions = versions.list_versions(root, args.name)
     pin = versions.read_pin(root, args.name)
     keep = set(all_versions[-args.keep :]) if args.keep > 0 else set()
+    # What the fleet serves: what the rule picks here (a restarted server's choice), and what the
+    # servers named with --url say they serve (they may still hold an older version in memory).
     served = served_version(root, args.name)
-    keep |= {v for v in (pin, served) if v}
+    fleet = fleet_versions(args.url or [], args.name)
+    keep |= {v for v in (pin, served, *fleet) if v}
     doomed = [v for v in all_versions if v not in keep]
     for v in doomed:
         print(("would delete " if args.dry_run else "deleted ") + f"{args.name}/{v}")
         if not args.dry_run:
             shutil.rmtree(root / args.name / v)
-    print(f"kept {len(all_versions) - len(doomed)} version(s) of {args.name}")
+    why = (
+        f"served: {served or 'none'}"
+        + (f", pinned: {pin}" if pin else "")
+        + (f", fleet: {sorted(fleet)}" if fleet else "")
+    )
+    print(f"kept {len(all_versions) - len(doomed)} version(s) of {args.name} ({why})")
     return 0
 
 
@@ -107,15 +141,18 @@ def cmd_import(root: Path, args: argparse.Namespace) -> int:
     dst = root / name / art.version
     if dst.exists():
         raise ArtifactError(f"{dst} already exists")
-    # Copied under the registry's hidden staging folder, checked there, then renamed into place:
-    # a server polling the registry never sees a half-copied version or an empty model folder.
+    # Copied under the registry's hidden staging folder, checked there by the server's own rule,
+    # then renamed into place: a server polling the registry never sees a half-copied version,
+    # and a failed import leaves no model folder behind.
     tmp = versions.staging_folder(root, name, art.version)
     try:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
+        for f in tmp.rglob("*"):  # servers may read the registry as another user
+            f.chmod(versions.shared_file_mode() | (0o111 if f.is_dir() else 0))
         open_version(tmp, name=name)
         dst = versions.publish_folder(tmp, root, name, art.version)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        versions.discard_staging(tmp)
     print(dst)
     return 0
 
@@ -151,10 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     pin.add_argument("version")
     unpin = sub.add_parser("unpin", help="serve the newest valid version")
     unpin.add_argument("name")
-    prune = sub.add_parser("prune", help="delete old versions (never the pinned or served one)")
+    prune = sub.add_parser("prune", help="delete old versions (never the pinned or the served one)")
     prune.add_argument("name")
     prune.add_argument("--keep", type=int, default=3)
     prune.add_argument("--dry-run", action="store_true")
+    prune.add_argument(
+        "--url", action="append", help="a running server (repeat per pod): also keep the version it serves"
+    )
     imp = sub.add_parser("import", help="copy an artifact folder into the registry atomically")
     imp.add_argument("folder")
     imp.add_argument("--name")

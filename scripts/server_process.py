@@ -49,8 +49,12 @@ class BentoServer:
         self.startup_s = 0.0  # from launching `bentoml serve` to the first /readyz 200
 
     def start(self) -> BentoServer:
+        # The checkout that started the server is the code it runs, whatever the venv's
+        # editable install points at (another worktree, say).
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         env = {
             **os.environ,
+            "PYTHONPATH": path,
             "MODEL_REGISTRY": str(self.registry),
             "BENTOML_DO_NOT_TRACK": "true",
             "ORT_DISABLE_TELEMETRY": "1",

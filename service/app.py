@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from models.errors import InvalidInput
 
 from .batching import QueueFull
+from .bodies import off_loop
 from .middleware import BodySizeLimit, RequestId
 from .reload import Reloader
 from .schemas import (
@@ -173,7 +174,8 @@ async def detect(request: Request, pool: Pool) -> dict:
 )
 async def sentiment(request: Request, pool: Pool) -> dict:
     """Sentiment of each text: the top label, its probability, and every label's probability."""
-    texts, model = parse_sentiment_body(await request.body(), pool.settings)
+    body = await request.body()
+    texts, model = await off_loop(pool.cpu_executor, len(body), parse_sentiment_body, body, pool.settings, pool.budget)
     served = pool.get("sentiment", model)
     return {"model": served.ref(), "results": await served.predict(texts)}
 
@@ -199,7 +201,8 @@ async def demo_page() -> HTMLResponse:
 @app.get("/models", response_model=ModelsResponse, tags=["models"])
 async def list_models(pool: Pool) -> dict:
     """Every model in the registry: served version, manifest summary, load status or errors."""
-    return {"models": pool.report()}
+    memory = pool.budget.describe() if pool.budget else {}
+    return {"models": pool.report(), "registry_problem": pool.problem, "memory": memory}
 
 
 async def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
@@ -223,7 +226,7 @@ async def require_admin(authorization: Annotated[str | None, Header()] = None) -
 async def admin_reload(pool: Pool) -> dict:
     """Rescan the registry and swap in new valid versions in every worker, without dropping requests.
 
-    Answers once every worker has reloaded (or after 60 s), with `workers.converged`.
+    Answers once every worker has reloaded (or after 45 s), with `workers.converged` and each model's outcome.
     """
     reloader: Reloader = get_reloader()
     return await reloader.reload_everywhere(expected_workers=pool.settings.workers)

@@ -75,6 +75,10 @@ class Settings:
     max_text_chars: int = 2000
     admin_token: str | None = None
     reload_interval_s: float = 0.0
+    # Memory: the pod's limit (GRAFT_MEMORY_MB, else the cgroup's) sizes each worker's budget for
+    # decoding images and parsing JSON (service/budget.py); GRAFT_REQUEST_MEMORY_MB sets it outright.
+    memory_limit_mb: int | None = None
+    request_memory_mb: int | None = None
 
     def batching(self, model_name: str) -> BatchingConfig:
         return self.batching_per_model.get(model_name, self.batching_default)
@@ -118,4 +122,6 @@ class Settings:
             max_text_chars=_int("GRAFT_MAX_TEXT_CHARS", 2000, lo=1),
             admin_token=token,
             reload_interval_s=_float("GRAFT_RELOAD_INTERVAL", 0.0),
+            memory_limit_mb=_int("GRAFT_MEMORY_MB", 0, lo=0) or None,
+            request_memory_mb=_int("GRAFT_REQUEST_MEMORY_MB", 0, lo=0) or None,
         )

@@ -24,6 +24,7 @@ from typing import Any
 from models import servable, versions
 from models.errors import ArtifactError, InvalidInput
 
+from .budget import MemoryBudget
 from .config import Settings
 from .served import TASKS, ServedModel
 
@@ -45,6 +46,7 @@ class ModelState:
     # version -> stamp of its files when refused: a version copied in half-way is retried once
     # any of its files changes, but a bad artifact is not reopened on every scan.
     refused_stamp: dict[str, versions.Stamp] = field(default_factory=dict)
+    problem: str | None = None  # why the name as a whole has nothing new to offer (no versions, bad pin)
     pinned: str | None = None
     loaded_at: float = 0.0
 
@@ -55,6 +57,7 @@ class ModelState:
             "reason": None if self.served else self.reason(),
             "served_version": self.served.version if self.served else None,
             "pinned_version": self.pinned,
+            "problem": self.problem,
             "errors": [{"version": v, "error": e} for v, e in sorted(self.errors.items())],
         }
         if self.served:
@@ -64,22 +67,31 @@ class ModelState:
 
     def reason(self) -> str:
         """Why nothing is served for this name, in one line."""
-        if not self.errors:
-            return "no version has been loaded yet"
-        if set(self.errors) == {"-"}:
-            return self.errors["-"]
-        return f"every version was refused ({len(self.errors)}); see errors"
+        if self.problem:
+            return self.problem
+        if self.errors:
+            return f"every version was refused ({len(self.errors)}); see errors"
+        return "no version has been loaded yet"
 
 
 class ModelPool:
-    def __init__(self, settings: Settings, *, infer_executor: Executor, cpu_executor: Executor) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        infer_executor: Executor,
+        cpu_executor: Executor,
+        budget: MemoryBudget | None = None,
+    ) -> None:
         self.settings = settings
+        self.budget = budget
         self._infer = infer_executor
-        self._cpu = cpu_executor
+        self.cpu_executor = cpu_executor  # decoding, tokenizing, parsing large bodies
         self._states: dict[str, ModelState] = {}
         self._lock = threading.Lock()  # one reload at a time
         self.generation = 0
-        self.last_signature: tuple[tuple[str, float], ...] = ()
+        self.last_signature: tuple[object, ...] = ()
+        self.problem: str | None = None  # the registry as a whole could not be read
 
     # ---- lookup -------------------------------------------------------------------------
     def get(self, task: str, name: str | None = None) -> ServedModel:
@@ -94,7 +106,7 @@ class ModelPool:
             if state.served.task != task:
                 raise InvalidInput(f"model {name!r} is a {state.served.task} model, not {task}")
             return state.served
-        candidates = [s.served for s in self._states.values() if s.served and s.served.task == task]
+        candidates = [s.served for s in self._snapshot() if s.served and s.served.task == task]
         if not candidates:
             raise ModelNotFound(f"no {task} model is loaded; see GET /models")
         for m in candidates:
@@ -102,28 +114,40 @@ class ModelPool:
                 return m
         return sorted(candidates, key=lambda m: m.name)[0]
 
+    def _snapshot(self) -> list[ModelState]:
+        # A scan adds and removes names from another thread: iterating the dict itself could
+        # raise "dictionary changed size during iteration"; list() copies it in one step.
+        return list(self._states.values())
+
     def served(self) -> list[ServedModel]:
-        return [s.served for s in self._states.values() if s.served is not None]
+        return [s.served for s in self._snapshot() if s.served is not None]
 
     def report(self) -> list[dict[str, Any]]:
-        return [self._states[n].report() for n in sorted(self._states)]
+        return [s.report() for s in sorted(self._snapshot(), key=lambda s: s.name)]
 
     @property
     def ready(self) -> bool:
         """Ready when at least one model serves: a model name with nothing servable is reported in
         /models, never a reason to take every pod that shares the registry out of rotation."""
-        return any(s.served is not None for s in self._states.values())
+        return any(s.served is not None for s in self._snapshot())
 
     # ---- loading ------------------------------------------------------------------------
+    def _public(self, message: str) -> str:
+        """Errors name `<name>/<version>`, never the server's own paths (they reach /models)."""
+        root = self.settings.registry
+        for prefix in {str(root), str(root.resolve())}:
+            message = message.replace(prefix + "/", "").replace(prefix, "<registry>")
+        return message
+
     def _open(self, name: str, version: str) -> ServedModel:
         settings = self.settings
         opened = servable.open_version(
             settings.registry / name / version, name=name, threads=settings.ort_threads, providers=settings.providers
         )
         cls = TASKS[opened.artifact.manifest.task]
-        return cls(opened, settings, infer_executor=self._infer, cpu_executor=self._cpu)
+        return cls(opened, settings, infer_executor=self._infer, cpu_executor=self.cpu_executor, budget=self.budget)
 
-    def _try_open(self, state: ModelState, version: str) -> ServedModel | None:
+    def _try_open(self, state: ModelState, version: str, refused: list[str]) -> ServedModel | None:
         """Open one version, or record why it is refused (skipped while its files are unchanged)."""
         stamp = versions.version_stamp(self.settings.registry / state.name / version)
         if version in state.errors and state.refused_stamp.get(version) == stamp:
@@ -131,69 +155,99 @@ class ModelPool:
         try:
             model = self._open(state.name, version)
         except Exception as e:  # any failure refuses this version; the scan goes on
-            log.error("refusing %s/%s: %s", state.name, version, e)
-            state.errors[version] = str(e)
+            message = self._public(str(e))
+            log.error("refusing %s/%s: %s", state.name, version, message)
+            state.errors[version] = message
             state.refused_stamp[version] = stamp
+            refused.append(version)
             return None
         state.errors.pop(version, None)
         state.refused_stamp.pop(version, None)
         log.info("loaded %s/%s (%s)", state.name, version, model.task)
         return model
 
-    def _resolve(self, state: ModelState) -> ServedModel | None:
+    def _resolve(self, state: ModelState, refused: list[str]) -> ServedModel | None:
         """Open the version that should be served, or None to keep what is served."""
         root = self.settings.registry
         try:
             state.pinned = versions.read_pin(root, state.name)
             order = servable.serving_order(root, state.name)
         except (ArtifactError, OSError) as e:
-            state.errors["CURRENT"] = str(e)
+            state.problem = self._public(str(e))
             return None
-        state.errors.pop("CURRENT", None)
         present = set(order)
-        for gone in [v for v in state.errors if v not in present and v != "CURRENT"]:
+        for gone in [v for v in state.errors if v not in present]:
             state.errors.pop(gone, None)  # deleted versions are no longer news
             state.refused_stamp.pop(gone, None)
-        if not order:
-            state.errors["-"] = "no versions in the registry"
-            return None
+        state.problem = None if order else "no versions in the registry (a version appears when it is published)"
         current = state.served.version if state.served is not None else None
-        version, model = servable.pick(order, current=current, try_open=lambda v: self._try_open(state, v))
+        version, model = servable.pick(order, current=current, try_open=lambda v: self._try_open(state, v, refused))
         if state.pinned is not None and version != state.pinned and version is not None:
+            state.problem = f"pinned version {state.pinned} is not servable; serving {version}"
             log.error("pinned %s/%s is not servable; serving %s", state.name, state.pinned, version)
         return model
 
-    def scan(self) -> list[ServedModel]:
-        """Bring every model to the version it should serve. Returns the replaced models.
+    def scan(self) -> tuple[list[ServedModel], dict[str, dict[str, Any]]]:
+        """Bring every model to the version it should serve.
 
-        Blocking (opens sessions, runs warm-ups): call it from a thread, not the event loop.
+        Returns the replaced models (to drain) and each model's outcome: the version served
+        before and after, and the versions refused by this scan. Never raises for anything in
+        the registry: an unreadable registry keeps what is served. Blocking (opens sessions, runs
+        warm-ups): call it from a thread, not the event loop.
         """
         with self._lock:
             root = self.settings.registry
-            names = versions.list_models(root)
-            self.last_signature = versions.signature(root)
             retired: list[ServedModel] = []
+            outcomes: dict[str, dict[str, Any]] = {}
+            try:
+                if not root.is_dir():
+                    raise FileNotFoundError(f"registry folder {root} does not exist")
+                names = versions.list_models(root)
+                self.last_signature = versions.signature(root)
+                self.problem = None
+            except OSError as e:  # an NFS hiccup or a missing mount: keep serving what we have
+                self.problem = self._public(f"cannot read the registry: {e}")
+                log.error("%s; keeping the %d model(s) already served", self.problem, len(self.served()))
+                self.generation += 1
+                return retired, outcomes
             for gone in set(self._states) - set(names):
                 state = self._states.pop(gone)
+                outcomes[gone] = {"from": state.served.version if state.served else None, "to": None, "refused": []}
                 if state.served is not None:
                     retired.append(state.served)
             for name in names:
                 state = self._states.setdefault(name, ModelState(name))
-                new = self._resolve(state)
+                before = state.served.version if state.served else None
+                refused: list[str] = []
+                try:
+                    new = self._resolve(state, refused)
+                except Exception as e:  # a bug must not stop the other models' scan
+                    log.exception("scanning %s failed", name)
+                    state.problem = self._public(f"scan failed: {type(e).__name__}: {e}")
+                    new = None
                 if new is not None:
                     if state.served is not None:
                         retired.append(state.served)
                     state.served = new  # the swap: one reference assignment
                     state.loaded_at = time.time()
+                outcomes[name] = {
+                    "from": before,
+                    "to": state.served.version if state.served else None,
+                    "refused": refused,
+                }
             self.generation += 1
-            return retired
+            return retired, outcomes
 
     async def reload(self) -> dict[str, Any]:
         """Rescan off the event loop, swap in new versions, drain and close the old ones."""
-        before = {s.name: s.served.version for s in self._states.values() if s.served}
-        retired = await asyncio.get_running_loop().run_in_executor(None, self.scan)
+        retired, outcomes = await asyncio.get_running_loop().run_in_executor(None, self.scan)
         for old in retired:
             await old.drain()
-        after = {s.name: s.served.version for s in self._states.values() if s.served}
-        changed = {n: {"from": before.get(n), "to": v} for n, v in after.items() if before.get(n) != v}
-        return {"generation": self.generation, "changed": changed, "models": self.report()}
+        changed = {n: {"from": o["from"], "to": o["to"]} for n, o in outcomes.items() if o["from"] != o["to"]}
+        return {
+            "generation": self.generation,
+            "changed": changed,
+            "outcomes": outcomes,
+            "registry_problem": self.problem,
+            "models": self.report(),
+        }

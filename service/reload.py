@@ -1,7 +1,8 @@
 """Hot reload across every worker of one server.
 
 BentoML runs N worker processes; an HTTP call to /admin/reload reaches only one of them. That
-worker reloads itself and raises a shared signal (a token in a small state folder); every
+worker reloads itself and raises a shared signal (a token in a small state folder: a counter
+incremented under a file lock, so tokens only grow whatever the wall clock does); every
 worker's watcher notices the token within `SIGNAL_POLL_S`, reloads, and records what it now
 serves in `worker-<pid>.json`. The admin call waits for all live workers to report the token,
 so its answer says whether the server converged. With GRAFT_RELOAD_INTERVAL > 0 the watcher
@@ -13,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -48,21 +52,69 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def default_state_dir(registry: Path) -> Path:
+    """The state folder the workers of one `bentoml serve` share: private to this user, one per
+    server process (the workers' parent) and registry, under $TMPDIR."""
+    key = hashlib.sha256(str(Path(registry).resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"graft-state-{os.getuid()}-{os.getppid()}-{key}"
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` (mode 0700), or accept it only if it is a real folder owned by this user
+    that no one else can write: in a shared /tmp, anyone could have made it first, and whoever
+    writes the reload token or the worker reports steers every worker."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = path.lstat()
+    problem = None
+    if not stat.S_ISDIR(st.st_mode):
+        problem = "is not a folder (a link?)"
+    elif st.st_uid != os.getuid():
+        problem = f"belongs to uid {st.st_uid}, not to this process's uid {os.getuid()}"
+    elif st.st_mode & 0o022:
+        problem = f"is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    if problem:
+        raise RuntimeError(f"state folder {path} {problem}; remove it, or set GRAFT_STATE_DIR to a private folder")
+    return path
+
+
+def remove_stale_state_dirs(own: Path) -> None:
+    """Delete the default state folders of this user's servers that have exited (the server's
+    pid is in the name), so that /tmp does not collect one folder per `bentoml serve` run."""
+    prefix = f"graft-state-{os.getuid()}-"
+    for folder in own.parent.glob(prefix + "*"):
+        pid = folder.name[len(prefix) :].split("-", 1)[0]
+        if folder == own or not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            st = folder.lstat()
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+                shutil.rmtree(folder)
+
+
 class ReloadSignal:
     """A folder shared by the workers of one server (GRAFT_STATE_DIR, default under /tmp)."""
 
     def __init__(self, registry: Path, state_dir: Path | None = None) -> None:
         if state_dir is None:
-            key = hashlib.sha256(str(Path(registry).resolve()).encode()).hexdigest()[:12]
-            state_dir = Path(tempfile.gettempdir()) / f"graft-state-{key}"
-        self.dir = Path(state_dir)
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.dir = private_dir(default_state_dir(registry))
+            remove_stale_state_dirs(self.dir)
+        else:  # the operator's choice (e.g. a volume): used as given
+            self.dir = Path(state_dir)
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._token_file = self.dir / "reload-token"
+        self._lock_file = self.dir / "reload-token.lock"
 
     def request(self) -> int:
-        """Ask every worker to reload; returns the token they will acknowledge."""
-        token = time.time_ns()
-        _write_atomic(self._token_file, str(token))
+        """Ask every worker to reload; returns the token they will acknowledge (the previous one
+        plus one, incremented under a file lock so that two workers asking at once both count)."""
+        with open(self._lock_file, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                token = self.current() + 1
+                _write_atomic(self._token_file, str(token))
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
         return token
 
     def current(self) -> int:
@@ -108,7 +160,11 @@ class Reloader:
         return {m.name: m.version for m in self.pool.served()}
 
     def publish(self) -> None:
-        self.signal.report(os.getpid(), self.seen_token, self.pool.generation, self.served())
+        """Record what this worker serves, for the admin reload's convergence check."""
+        try:
+            self.signal.report(os.getpid(), self.seen_token, self.pool.generation, self.served())
+        except OSError as e:  # a full or read-only state folder must not fail a reload
+            log.error("cannot record this worker's state in %s: %s", self.signal.dir, e)
 
     async def reload(self, token: int | None = None) -> dict[str, Any]:
         """Reload this worker (serialised), then record which token it has caught up with."""
@@ -154,9 +210,16 @@ class Reloader:
                 await self._task
             self._task = None
 
-    async def reload_everywhere(self, expected_workers: int, timeout_s: float = 60.0) -> dict[str, Any]:
-        """Admin reload: this worker now, the others through the signal; wait until all caught up."""
-        token = self.signal.request()
+    async def reload_everywhere(self, expected_workers: int, timeout_s: float = 45.0) -> dict[str, Any]:
+        """Admin reload: this worker now, the others through the signal; wait until all caught up
+        (at most `timeout_s`, under BentoML's 60 s request timeout, so the answer is ours)."""
+        try:
+            token = self.signal.request()
+        except OSError as e:  # the state folder is unwritable: still reload this worker, and say so
+            log.error("cannot signal the other workers: %s", e)
+            result = await self.reload()
+            result["workers"] = {"expected": expected_workers, "reloaded": 1, "converged": False, "error": str(e)}
+            return result
         result = await self.reload(token)
         deadline = time.monotonic() + timeout_s
         while True:

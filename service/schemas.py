@@ -60,12 +60,26 @@ class ErrorResponse(BaseModel):
 
 
 class ModelsResponse(BaseModel):
-    models: list[dict[str, Any]]
+    models: list[dict[str, Any]] = Field(
+        description="every model name in the registry: status (ready/unavailable), reason, served and pinned "
+        "version, refused versions with their errors, manifest summary"
+    )
+    registry_problem: str | None = Field(default=None, description="set while the registry cannot be read")
+    memory: dict[str, Any] = Field(default_factory=dict, description="this worker's request memory budget")
+
+
+class ReloadOutcome(BaseModel):
+    model_config = {"populate_by_name": True}
+    from_: str | None = Field(default=None, alias="from", description="version served before the reload")
+    to: str | None = Field(default=None, description="version served after it")
+    refused: list[str] = Field(default_factory=list, description="versions this reload refused (see models)")
 
 
 class ReloadResponse(BaseModel):
     generation: int
     changed: dict[str, dict[str, str | None]]
+    outcomes: dict[str, ReloadOutcome] = Field(default_factory=dict, description="every model's outcome")
+    registry_problem: str | None = None
     models: list[dict[str, Any]]
     workers: dict[str, Any] = Field(
         default_factory=dict, description="how many workers reloaded, and whether they agree"

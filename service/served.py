@@ -2,15 +2,23 @@
 
 Each task subclasses `ServedModel` in `service/tasks/` and registers itself in TASKS. The base
 class does what every task shares: hold the verified session (`models.servable.open_version`
-opened it, checked its inputs and ran its warm-up sample) and build the batcher.
+opened it, checked its inputs and ran its warm-up sample), build the batcher, and run batches.
+
+Every request reaches ONNX Runtime through the batcher, one item per input row: the task routes
+(an image, a text) and the KServe v2 route (each row of the declared tensors, or each BYTES
+element) alike, so every route shares one queue bound and one batch size limit. A task supplies
+how items become input tensors (`collate`), optionally what to compute per batch on the inference
+thread (`finish`), and how v2 rows become items (`rows_from_tensors`, `rows_from_bytes`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,12 +26,22 @@ import numpy as np
 from models.errors import InvalidInput
 from models.servable import OpenedVersion
 
-from .batching import Batcher
+from .batching import Batcher, QueueFull
+from .budget import MemoryBudget
 from .config import Settings
 
 log = logging.getLogger("graft.served")
 
 TASKS: dict[str, type[ServedModel]] = {}
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """One item's share of a batched run: its row of every output, and what the task's `finish`
+    computed for it (None when the task computes nothing)."""
+
+    outputs: dict[str, np.ndarray]
+    extra: Any = None
 
 
 def register_task(cls: type[ServedModel]) -> type[ServedModel]:
@@ -41,7 +59,13 @@ class ServedModel(ABC):
     batch_cap: ClassVar[int | None] = None
 
     def __init__(
-        self, opened: OpenedVersion, settings: Settings, *, infer_executor: Executor, cpu_executor: Executor
+        self,
+        opened: OpenedVersion,
+        settings: Settings,
+        *,
+        infer_executor: Executor,
+        cpu_executor: Executor,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.artifact = opened.artifact
         self.manifest = opened.artifact.manifest
@@ -49,6 +73,7 @@ class ServedModel(ABC):
         self.settings = settings
         self.cpu_executor = cpu_executor
         self.infer_executor = infer_executor
+        self.budget = budget  # the worker's memory budget for decoding (None: unbounded, in tools)
         self.input_names = opened.input_names
         self.output_names = opened.output_names
         cfg = settings.batching(self.manifest.name)
@@ -76,17 +101,50 @@ class ServedModel(ABC):
         """The {name, version} every response carries."""
         return {"name": self.name, "version": self.version}
 
+    # ---- the one place a batch meets ONNX Runtime (on the inference thread) ---------------------
     @abstractmethod
-    def run_batch(self, items: Sequence[Any]) -> Sequence[Any]:
-        """Run the model on preprocessed items (on the inference thread); one result per item."""
+    def collate(self, items: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Stack or pad prepared items into the model's input tensors, by input name."""
+
+    def finish(self, outputs: dict[str, np.ndarray]) -> Sequence[Any] | None:
+        """Per-batch work on the outputs, one entry per item (e.g. softmax), or None."""
+        return None
 
     def run_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One unbatched ONNX run on raw input tensors; every output by name (v2 protocol)."""
+        """One ONNX run on input tensors; every output by name."""
         return dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
 
-    def bytes_to_feeds(self, items: list[bytes]) -> dict[str, np.ndarray]:
-        """Encoded inputs (images, texts) to the model's input tensors, by the artifact's rules."""
+    def run_batch(self, items: Sequence[Any]) -> list[RowResult]:
+        """Run the model on prepared items; one result per item, in order."""
+        outputs = self.run_feeds(self.collate(items))
+        extras = self.finish(outputs)
+        return [
+            RowResult({name: out[i] for name, out in outputs.items()}, None if extras is None else extras[i])
+            for i in range(len(items))
+        ]
+
+    async def submit_all(self, items: Sequence[Any]) -> list[RowResult]:
+        """Queue every item of one request for batching and wait for all of them. A request that
+        would take the queue past its bound is refused whole (503), not queued in part."""
+        b = self.batcher
+        if b.pending + len(items) > b.max_queue:
+            raise QueueFull(f"{b.name}: {b.pending} items queued, {len(items)} more would pass {b.max_queue}")
+        return list(await asyncio.gather(*(b.submit(item) for item in items)))
+
+    # ---- the KServe v2 route's way in ----------------------------------------------------------
+    def rows_from_tensors(self, tensors: dict[str, np.ndarray]) -> list[Any]:
+        """Declared input tensors (already checked against the manifest's names, dtypes and fixed
+        dimensions, batch first) to one batcher item per row. Image tasks: the one image tensor."""
+        (arr,) = tensors.values()
+        return list(arr)
+
+    def rows_from_bytes(self, items: list[bytes]) -> list[Any]:
+        """Encoded inputs (images, texts) to batcher items, by the artifact's rules (decode threads)."""
         raise InvalidInput(f"{self.task} models take no BYTES input; send the declared tensors")
+
+    def bytes_to_feeds(self, items: list[bytes]) -> dict[str, np.ndarray]:
+        """Encoded inputs straight to input tensors (benchmarks: no batcher)."""
+        return self.collate(self.rows_from_bytes(items))
 
     def describe(self) -> dict[str, Any]:
         """Metadata for /models and the v2 protocol."""

@@ -23,6 +23,7 @@ import bentoml  # noqa: E402
 
 from . import tasks  # noqa: E402, F401  (registers the task runners)
 from .app import app  # noqa: E402
+from .budget import MemoryBudget, budget_for_this_worker  # noqa: E402
 from .config import Settings  # noqa: E402
 from .logs import install_request_id_logging  # noqa: E402
 from .pool import ModelPool  # noqa: E402
@@ -63,8 +64,17 @@ class Graft:
         # parallel work, and a second concurrent run would only oversubscribe the CPU quota.
         self.infer_executor = ThreadPoolExecutor(1, thread_name_prefix="graft-infer")
         self.cpu_executor = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="graft-decode")
-        self.pool = ModelPool(self.settings, infer_executor=self.infer_executor, cpu_executor=self.cpu_executor)
+        # The memory budget is sized from what this worker holds once its models are loaded, so
+        # it starts at a placeholder and is set right after the first scan.
+        self.budget = MemoryBudget(1)
+        self.pool = ModelPool(
+            self.settings, infer_executor=self.infer_executor, cpu_executor=self.cpu_executor, budget=self.budget
+        )
         self.pool.scan()
+        sized = budget_for_this_worker(
+            self.settings.request_memory_mb, self.settings.memory_limit_mb, self.settings.workers
+        )
+        self.budget.limit, self.budget.source = sized.limit, sized.source
         state_dir = os.environ.get("GRAFT_STATE_DIR")
         self.reloader = Reloader(
             self.pool,
@@ -74,11 +84,13 @@ class Graft:
         install(self.pool, self.reloader)
         install_request_id_logging()
         log.info(
-            "graft worker ready: registry=%s models=%s ort_threads=%d tracing=%s; models loaded and warmed up "
-            "in %.2f s, %.2f s after the process started",
+            "graft worker ready: registry=%s models=%s ort_threads=%d memory budget=%.0f MB (%s) tracing=%s; "
+            "models loaded and warmed up in %.2f s, %.2f s after the process started",
             self.settings.registry,
             [f"{m.name}:{m.version}" for m in self.pool.served()],
             self.settings.ort_threads,
+            self.budget.limit / 2**20,
+            self.budget.source,
             "off (not configured)" if TRACING_OFF else "as configured",
             time.perf_counter() - started,
             process_age_s(),

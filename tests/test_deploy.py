@@ -66,7 +66,8 @@ def cpu_quantity(q: str | int) -> float:
 
 
 def env_names_read_by_graft(name: str) -> bool:
-    """Whether the server's code reads `name`: service/, or models/ below it (MODEL_REGISTRY)."""
+    """The server reads its settings in service/ and, for what tools share (MODEL_REGISTRY,
+    GRAFT_CPUS), in models/."""
     return f'"{name}"' in CONFIG_SOURCE or f'"{name}"' in "".join(
         p.read_text() for folder in ("service", "models") for p in (REPO / folder).rglob("*.py")
     )
@@ -235,10 +236,7 @@ def test_thread_pools_fit_the_cpu_limit(rendered: dict[str, Any], monkeypatch) -
     limit = math.ceil(cpu_quantity(c["resources"]["limits"]["cpu"]))
     for name, value in env.items():
         if isinstance(value, dict) and "resourceFieldRef" in value:
-            ref = value["resourceFieldRef"]
-            assert ref["resource"] == "limits.cpu" and ref.get("containerName", "graft") == "graft"
-            assert str(ref.get("divisor", "1")) == "1"
-            value = str(limit)  # what the kubelet injects: the limit rounded up to whole CPUs
+            value = resource_ref_value(c, value["resourceFieldRef"])
         if name.startswith("GRAFT_") and isinstance(value, str):
             monkeypatch.setenv(name, value)
     assert env.get("GRAFT_CPUS"), "the Deployment must pass its CPU limit as GRAFT_CPUS"
@@ -246,6 +244,59 @@ def test_thread_pools_fit_the_cpu_limit(rendered: dict[str, Any], monkeypatch) -
     assert settings.workers * settings.ort_threads <= limit, (settings.workers, settings.ort_threads, limit)
     assert settings.workers * settings.ort_threads >= limit, "ONNX Runtime would leave CPUs of the limit idle"
     assert settings.decode_threads <= max(2, limit // settings.workers)
+
+
+def resource_ref_value(container: dict[str, Any], ref: dict[str, Any]) -> str:
+    """What the kubelet injects for a resourceFieldRef of the server container's own limits."""
+    assert ref.get("containerName", "graft") == "graft"
+    limits = container["resources"]["limits"]
+    if ref["resource"] == "limits.cpu":
+        assert str(ref.get("divisor", "1")) == "1"
+        return str(math.ceil(cpu_quantity(limits["cpu"])))  # the limit rounded up to whole CPUs
+    assert ref["resource"] == "limits.memory" and ref.get("divisor") == "1Mi", ref
+    return str(memory_mi(limits["memory"]))
+
+
+def memory_mi(q: str) -> int:
+    units = {"Mi": 1, "Gi": 1024, "M": 1e6 / 2**20, "G": 1e9 / 2**20}
+    for suffix, scale in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if q.endswith(suffix):
+            return math.ceil(float(q[: -len(suffix)]) * scale)
+    return math.ceil(int(q) / 2**20)
+
+
+def test_memory_budget_admits_the_worst_legal_upload(rendered: dict[str, Any], monkeypatch) -> None:
+    """The pod's memory limit reaches the service (GRAFT_MEMORY_MB), and the budget each worker
+    derives from it, after the models (the default recipes' 430 MB per worker, measured) and
+    BentoML's process (110 MB), still holds the costliest legal upload: a 39.7 MP RGBA PNG."""
+    from models.manifest import ImagePreprocessing
+    from models.preprocess import ImagePreprocessor, open_image
+    from scripts.pressure import worst_case_png
+    from service.budget import MB, derive_budget
+    from service.config import Settings
+
+    deploy = one(rendered, "Deployment")
+    c = server_container(deploy)
+    env = container_env(rendered, c)
+    ref = env.get("GRAFT_MEMORY_MB")
+    assert isinstance(ref, dict) and "resourceFieldRef" in ref, "the Deployment must pass its memory limit"
+    for name, value in env.items():
+        if isinstance(value, dict) and "resourceFieldRef" in value:
+            value = resource_ref_value(c, value["resourceFieldRef"])
+        if name.startswith("GRAFT_") and isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    settings = Settings.from_env()
+    assert settings.memory_limit_mb == memory_mi(c["resources"]["limits"]["memory"])
+    budget, _ = derive_budget(
+        explicit_mb=settings.request_memory_mb,
+        pod_limit_mb=settings.memory_limit_mb,
+        workers=settings.workers,
+        worker_rss=430 * MB,
+        parent_rss=110 * MB,
+    )
+    worst = open_image(worst_case_png())
+    detector = ImagePreprocessor(ImagePreprocessing(height=256, width=320, resize="letterbox"))
+    assert budget >= detector.decode_cost(worst), (budget / MB, detector.decode_cost(worst) / MB)
 
 
 def test_service_hpa_and_pdb_select_the_deployment(rendered: dict[str, Any]) -> None:
@@ -538,6 +589,7 @@ class InstalledServer(BentoServer):
 
     def start(self) -> InstalledServer:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
+        env.pop("PYTHONPATH", None)  # the installed wheel, not a checkout on the path
         cmd = [str(Path(self.python).parent / "bentoml"), "serve", "service:Graft"]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         if self.trace is not None:

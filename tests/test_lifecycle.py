@@ -14,10 +14,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from models.artifact import MANIFEST, new_version, write_manifest
-from models.manifest import Manifest
 from scripts import registry as registry_cli
 from scripts.server_process import BentoServer
+from tests import faults
 from tests.conftest import encode
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -27,19 +26,11 @@ IMAGE = encode(Image.new("RGB", (40, 40), (90, 30, 200)))
 
 
 def clone_version(src: Path, registry: Path, *, corrupt: bool = False) -> str:
-    """Drop a copy of `src` into `registry` as a new version, atomically (as an operator would)."""
-    version = new_version()
-    name = src.parent.name
-    tmp = registry / name / f".incoming-{version}"
-    shutil.copytree(src, tmp)
-    manifest = Manifest.model_validate_json((tmp / MANIFEST).read_text())
-    write_manifest(tmp, manifest.model_copy(update={"version": version}))
+    """Publish a copy of `src` into `registry` as a new version, atomically (as an operator would);
+    `corrupt`: its model.onnx changed after the manifest was written (a checksum mismatch)."""
+    version = faults.publish_copy(src, registry)
     if corrupt:
-        with open(tmp / "model.onnx", "r+b") as f:
-            f.seek(1000)
-            f.write(b"\x00" * 64)
-    tmp.rename(registry / name / version)
-    time.sleep(0.002)  # version ids order by millisecond
+        faults.corrupt_after_hashing(registry / src.parent.name / version)
     return version
 
 
@@ -126,11 +117,19 @@ def test_hot_reload_under_load_two_workers(own_registry: Path, image_artifact: P
         v3 = clone_version(image_artifact, own_registry, corrupt=True)
         r = reload(srv.url)
         assert r.status_code == 200 and r.json()["workers"]["converged"]
+        assert r.json()["outcomes"]["image-classification"] == {"from": v2, "to": v2, "refused": [v3]}
         entry = model_entry(srv.url)
         assert entry["served_version"] == v2
         errors = {e["version"]: e["error"] for e in entry["errors"]}
         assert v3 in errors and "checksum mismatch for model.onnx" in errors[v3]
         load.wait_for(20)
+
+        # So is a version ONNX Runtime cannot load (checksums right): the reload still answers 2xx.
+        v4 = faults.publish_copy(image_artifact, own_registry, mutate=faults.truncate_model)
+        r = reload(srv.url)
+        assert r.status_code == 200 and r.json()["outcomes"]["image-classification"]["refused"] == [v4], r.text
+        assert "ONNX Runtime cannot load" in {e["version"]: e["error"] for e in model_entry(srv.url)["errors"]}[v4]
+        assert httpx.get(srv.url + "/readyz").status_code == 200
 
         # Rollback: pin the first version.
         assert registry_cli.main(["--registry", str(own_registry), "pin", "image-classification", v1]) == 0
@@ -141,7 +140,7 @@ def test_hot_reload_under_load_two_workers(own_registry: Path, image_artifact: P
 
     assert not load.failures, load.failures[:5]
     assert {v1, v2} <= set(load.versions)
-    assert v3 not in load.versions
+    assert v3 not in load.versions and v4 not in load.versions
 
 
 def test_admin_routes_refuse_everything_without_a_configured_token(own_registry: Path) -> None:

@@ -74,6 +74,10 @@ def _tensor(**kw) -> TensorIn:
         ({"datatype": "UINT8", "shape": [1], "data": [-1]}, "not UINT8"),
         # 2**96 elements: np.prod would wrap around to 0 and let an empty list "fill" it
         ({"datatype": "FP32", "shape": [1 << 24] * 4, "data": []}, "do not fill"),
+        # found by the fuzzer: numpy cannot reshape nothing into this, and raised a ValueError (500)
+        ({"datatype": "FP32", "shape": [0, 1 << 24, 1 << 24, 1 << 24], "data": []}, "holds no values"),
+        ({"datatype": "FP32", "shape": [2, 2], "data": [[1.0, [2.0]], [3.0, 4.0]]}, "not FP32"),
+        ({"datatype": "FP32", "shape": [1, 1], "data": [[[[1.0]]]]}, "nested deeper than its 2-dimensional shape"),
     ],
 )
 def test_hostile_v2_tensors_are_refused_by_name(tensor: dict, needle: str) -> None:

@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 
 from models.detection import Detections, postprocess
-from models.errors import ArtifactError
 from models.manifest import DetectionPostprocessing, ImagePreprocessing
-from models.preprocess import DecodeLimits, Geometry, ImagePreprocessor, decode_image
+from models.preprocess import DecodeLimits, Geometry, ImagePreprocessor
 
 from ..served import ServedModel, register_task
 
@@ -28,6 +27,7 @@ from ..served import ServedModel, register_task
 @register_task
 class ObjectDetector(ServedModel):
     task = "object-detection"
+    bytes_input_name = "image"
     # Measured (docs/BENCHMARKS.md): the detector's images/s is flat from batch 1 to 64 on CPU,
     # while a batch of 32 letterboxed images holds hundreds of MB of activations in the arena.
     batch_cap = 4
@@ -36,29 +36,24 @@ class ObjectDetector(ServedModel):
         super().__init__(*args, **kwargs)
         spec = self.manifest.preprocessing
         post = self.manifest.postprocessing
+        # models.servable refused versions with NMS in the graph or without boxes and scores.
         assert isinstance(spec, ImagePreprocessing) and isinstance(post, DetectionPostprocessing)
-        if post.nms_in_graph:
-            raise ArtifactError(f"{self.artifact.path}: graphs with NMS inside are not supported by this service")
         self.preprocessor = ImagePreprocessor(spec)
         self.post = post
         self.limits = DecodeLimits(max_pixels=self.settings.max_image_pixels)
         self.labels = self.manifest.labels
-        names = {o.name for o in self.manifest.outputs}
-        if not {"boxes", "scores"} <= names:
-            raise ArtifactError(f"{self.artifact.path}: outputs {sorted(names)} lack 'boxes' and 'scores'")
 
     def prepare(self, data: bytes) -> tuple[np.ndarray, Geometry]:
-        """Untrusted bytes to the model's input tensor and the geometry that undoes the letterbox."""
-        return self.preprocessor(decode_image(data, self.limits))
+        """Untrusted bytes to the model's input tensor and the geometry that undoes the letterbox
+        (on a decode thread, within the memory budget; full-size decode, no JPEG draft)."""
+        return self.preprocessor.from_bytes(data, self.limits, draft=False, budget=self.budget)
 
-    def run_batch(self, items: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        batch = np.stack(items) if len(items) > 1 else items[0][None]
-        boxes, scores = self.session.run(["boxes", "scores"], {self.input_names[0]: batch})
-        return list(zip(boxes, scores, strict=True))
+    def collate(self, items: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        return {self.input_names[0]: np.stack(items) if len(items) > 1 else items[0][None]}
 
-    def bytes_to_feeds(self, items: list[bytes]) -> dict[str, np.ndarray]:
+    def rows_from_bytes(self, items: list[bytes]) -> list[np.ndarray]:
         """v2 BYTES input: letterboxed tensors; raw outputs are then in the model input's pixels."""
-        return {self.input_names[0]: np.stack([self.prepare(d)[0] for d in items])}
+        return [self.prepare(d)[0] for d in items]
 
     def detections(
         self,
@@ -83,7 +78,8 @@ class ObjectDetector(ServedModel):
         """Detections for one encoded image, boxes in its own pixels (decoded off the event loop)."""
         loop = asyncio.get_running_loop()
         tensor, geometry = await loop.run_in_executor(self.cpu_executor, self.prepare, data)
-        outputs = await self.batcher.submit(tensor)
+        row = (await self.batcher.submit(tensor)).outputs
+        outputs = (row["boxes"], row["scores"])
         # NMS over up to 1,000 candidates (threshold 0) takes milliseconds: keep it off the loop.
         dets = await loop.run_in_executor(
             self.cpu_executor, self.detections, outputs, geometry, score_threshold, max_detections

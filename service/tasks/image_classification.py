@@ -28,29 +28,28 @@ class ImageClassifier(ServedModel):
         self.limits = DecodeLimits(max_pixels=self.settings.max_image_pixels)
         self.labels = self.manifest.labels
 
-    def logits(self, items: Sequence[np.ndarray]) -> np.ndarray:
-        batch = np.stack(items) if len(items) > 1 else items[0][None]
-        (logits,) = self.session.run(self.output_names[:1], {self.input_names[0]: batch})
-        return logits
+    def prepare(self, data: bytes) -> np.ndarray:
+        """Untrusted bytes to the model's input tensor (on a decode thread, within the memory budget)."""
+        return self.preprocessor.from_bytes(data, self.limits, budget=self.budget)[0]
 
-    def run_batch(self, items: Sequence[np.ndarray]) -> list[tuple[list[float], list[int]]]:
+    def collate(self, items: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        return {self.input_names[0]: np.stack(items) if len(items) > 1 else items[0][None]}
+
+    def finish(self, outputs: dict[str, np.ndarray]) -> list[tuple[list[float], list[int]]]:
         # Softmax and ranking for the whole batch here, on the inference thread: per request on
         # the event loop they were small numpy calls that each drop and re-take the GIL, and
         # every re-take waits behind whichever decode thread holds it.
-        probs = softmax(self.logits(items))
+        probs = softmax(outputs[self.output_names[0]])
         return list(zip(probs.tolist(), rank(probs).tolist(), strict=True))
 
-    def bytes_to_feeds(self, items: list[bytes]) -> dict[str, np.ndarray]:
-        batch = np.stack([self.preprocessor.from_bytes(d, self.limits)[0] for d in items])
-        return {self.input_names[0]: batch}
+    def rows_from_bytes(self, items: list[bytes]) -> list[np.ndarray]:
+        return [self.prepare(d) for d in items]
 
     def logits_for_bytes(self, data: bytes) -> np.ndarray:
-        tensor, _ = self.preprocessor.from_bytes(data, self.limits)
-        return self.logits([tensor])[0]
+        return self.run_feeds(self.collate([self.prepare(data)]))[self.output_names[0]][0]
 
     async def predict(self, data: bytes, k: int) -> list[dict[str, Any]]:
         """Top-k labels for one encoded image (decoded off the event loop, batched with others)."""
-        loop = asyncio.get_running_loop()
-        tensor, _ = await loop.run_in_executor(self.cpu_executor, self.preprocessor.from_bytes, data, self.limits)
-        probs, order = await self.batcher.submit(tensor)
+        tensor = await asyncio.get_running_loop().run_in_executor(self.cpu_executor, self.prepare, data)
+        probs, order = (await self.batcher.submit(tensor)).extra
         return top_k_ranked(probs, order, self.labels, k)

@@ -10,7 +10,6 @@ text's logits, so a text gets the same answer alone or among others.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -20,25 +19,28 @@ from tokenizers import Encoding
 
 from models.errors import ArtifactError, InvalidInput
 from models.manifest import TextPreprocessing
-from models.text import TextTokenizer, load_text_tokenizer
+from models.preprocess import MemoryHold
+from models.text import TextTokenizer, TokenRow, load_text_tokenizer
 
 from ..batching import QueueFull
+from ..bodies import parse_held
 from ..config import Settings
 from ..served import ServedModel, register_task
 
 
-def parse_sentiment_body(body: bytes, settings: Settings) -> tuple[list[str], str | None]:
-    """`{"texts": [...], "model"?: "..."}` from raw request bytes, or InvalidInput naming the problem."""
+def parse_sentiment_body(
+    body: bytes, settings: Settings, budget: MemoryHold | None = None
+) -> tuple[list[str], str | None]:
+    """`{"texts": [...], "model"?: "..."}` from raw request bytes, or InvalidInput naming the problem.
+
+    A large body is parsed with its memory held in `budget` (see service/bodies.py).
+    """
     if not body:
         raise InvalidInput('empty body; send JSON like {"texts": ["..."]}')
-    try:
-        decoded = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InvalidInput(f"body is not valid UTF-8 (byte 0x{body[e.start]:02x} at offset {e.start})") from e
-    try:
-        payload = json.loads(decoded)
-    except json.JSONDecodeError as e:
-        raise InvalidInput(f"body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    return parse_held(body, lambda payload: _sentiment_fields(payload, settings), budget)
+
+
+def _sentiment_fields(payload: object, settings: Settings) -> tuple[list[str], str | None]:
     if not isinstance(payload, dict):
         raise InvalidInput(f'body must be a JSON object like {{"texts": ["..."]}}, got {_json_type(payload)}')
     unknown = sorted(set(payload) - {"texts", "model"})
@@ -101,16 +103,15 @@ class SentimentClassifier(ServedModel):
         super().__init__(*args, **kwargs)
         spec = self.manifest.preprocessing
         if not isinstance(spec, TextPreprocessing):
-            raise ArtifactError(f"{self.artifact.path}: a sentiment model needs text preprocessing")
+            raise ArtifactError(f"{self.artifact.path.name}: a sentiment model needs text preprocessing")
         self.tokenizer: TextTokenizer = load_text_tokenizer(spec, self.artifact.path)
+        self.max_length = spec.max_length
         self.labels = self.manifest.labels
 
-    def run_batch(self, items: Sequence[Encoding]) -> list[np.ndarray]:
-        batch = self.tokenizer.pad(items)
-        (logits,) = self.session.run(self.output_names[:1], batch.feeds(self.input_names))
-        return list(logits)
+    def collate(self, items: Sequence[Encoding | TokenRow]) -> dict[str, np.ndarray]:
+        return self.tokenizer.pad(items).feeds(self.input_names)
 
-    def bytes_to_feeds(self, items: list[bytes]) -> dict[str, np.ndarray]:
+    def rows_from_bytes(self, items: list[bytes]) -> list[Encoding]:
         """v2 protocol: a BYTES tensor of UTF-8 texts, checked against the same limits as /sentiment."""
         texts = []
         for i, raw in enumerate(items):
@@ -119,11 +120,44 @@ class SentimentClassifier(ServedModel):
             except UnicodeDecodeError as e:
                 raise InvalidInput(f"text {i} is not valid UTF-8 (byte offset {e.start})") from e
         texts = validate_texts(texts, max_texts=self.settings.max_texts, max_chars=self.settings.max_text_chars)
-        return self.tokenizer(texts).feeds(self.input_names)
+        return self.tokenizer.encode(texts)
+
+    def rows_from_tensors(self, tensors: dict[str, np.ndarray]) -> list[TokenRow]:
+        """v2 protocol: token ids the client made itself, held to what the tokenizer could make:
+        at most max_length tokens, ids inside the vocabulary, 0/1 attention, one segment."""
+        shapes = {name: arr.shape for name, arr in tensors.items()}
+        if len(set(shapes.values())) != 1:
+            raise InvalidInput(f"inputs must all have one [batch, sequence] shape, got {shapes}")
+        ids = tensors["input_ids"]
+        n, length = ids.shape
+        if not 1 <= length <= self.max_length:
+            raise InvalidInput(
+                f"sequence length {length} is outside 1 to {self.max_length}, this model's max_length "
+                "(manifest preprocessing.max_length); truncate the token ids"
+            )
+        vocab = self.tokenizer.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise InvalidInput(
+                f"input_ids holds {bad}, outside this model's vocabulary of {vocab} tokens (0 to {vocab - 1})"
+            )
+        mask = tensors.get("attention_mask")
+        if mask is None:
+            mask = np.ones_like(ids)
+        elif not np.isin(mask, (0, 1)).all():
+            raise InvalidInput("attention_mask must hold only 0 and 1")
+        elif not mask.any(axis=1).all():
+            raise InvalidInput(f"attention_mask row {int(np.argmin(mask.any(axis=1)))} attends to no token")
+        types = tensors.get("token_type_ids")
+        if types is None:
+            types = np.zeros_like(ids)
+        elif types.any():
+            raise InvalidInput("token_type_ids must be all 0: this model classifies one text (one segment) at a time")
+        return [TokenRow(ids[i], mask[i], types[i]) for i in range(n)]
 
     def logits_for_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """One padded batch straight through the model (warm-up and tests; bypasses the batcher)."""
-        return np.stack(self.run_batch(self.tokenizer.encode(texts)))
+        """One padded batch straight through the model (tests; bypasses the batcher)."""
+        return self.run_feeds(self.collate(self.tokenizer.encode(texts)))[self.output_names[0]]
 
     def answer(self, logits: np.ndarray) -> dict[str, Any]:
         # Plain Python on a handful of floats: this runs on the event loop once per text, and
@@ -144,9 +178,9 @@ class SentimentClassifier(ServedModel):
         """Scores for each text; tokenized off the event loop, each text batched with others."""
         b = self.batcher
         if b.pending + len(texts) > b.max_queue:
-            # Refuse the whole request up front rather than queue part of it.
+            # Refuse the whole request up front rather than tokenize it for nothing.
             raise QueueFull(f"{b.name}: {b.pending} texts queued, {len(texts)} more would pass {b.max_queue}")
         loop = asyncio.get_running_loop()
         encodings = await loop.run_in_executor(self.cpu_executor, self.tokenizer.encode, texts)
-        logits = await asyncio.gather(*(b.submit(e) for e in encodings))
-        return [self.answer(x) for x in logits]
+        logits = self.output_names[0]
+        return [self.answer(r.outputs[logits]) for r in await self.submit_all(encodings)]

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from models.artifact import load_artifact
+from models.servable import open_version
 from models.servable import served_version
 from models.versions import default_registry
 from scripts.server_process import REPO, BentoServer, free_port
@@ -126,9 +127,8 @@ class Ceiling:
         settings = dataclasses.replace(Settings.from_env(), ort_threads=threads)
         self.pool = ThreadPoolExecutor(1)
         self.task, self.payload = task, payload
-        self.model = TASKS[task](
-            load_artifact(artifact_dir), settings, infer_executor=self.pool, cpu_executor=self.pool
-        )
+        opened = open_version(artifact_dir, threads=threads)
+        self.model = TASKS[task](opened, settings, infer_executor=self.pool, cpu_executor=self.pool)
         feeds1 = self.model.bytes_to_feeds([payload])
         model_only = {}
         for bs in (1, 4, 16, 32, 64):

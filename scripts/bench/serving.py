@@ -28,8 +28,7 @@ import numpy as np
 from PIL import Image
 
 from models.artifact import load_artifact
-from models.servable import open_version
-from models.servable import served_version
+from models.servable import open_version, served_version
 from models.versions import default_registry
 from scripts.server_process import REPO, BentoServer, free_port
 
@@ -254,7 +253,6 @@ def copy_served(src: Path, dst: Path) -> dict[str, str]:
 
 def model_recipe(folder: Path) -> str:
     """`default recipe`, `quick recipe, int8`: how a benchmarked model was built, from its manifest."""
-    from models.artifact import load_artifact
 
     m = load_artifact(folder).manifest
     int8 = ", int8" if m.export.quantization is not None else ""

@@ -8,13 +8,14 @@ an unknown model, 413 for oversize bodies or images, 503 (with Retry-After) when
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import InvalidInput
@@ -58,6 +59,14 @@ app = FastAPI(
 # Outermost last: RequestId (and the error barrier) -> BodySizeLimit -> routes.
 app.add_middleware(BodySizeLimit)
 app.add_middleware(RequestId)
+
+
+def answer(body: dict) -> Response:
+    """A route's answer, encoded once by the C JSON encoder. The routes build it in exactly the shape
+    their `response_model` documents; returning a Response skips FastAPI's second pass over it
+    (pydantic validation, then `jsonable_encoder`), which cost more event-loop time per request
+    than the JSON encoding itself."""
+    return Response(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(), media_type="application/json")
 
 
 def _error(status: int, message: str, detail: object | None = None, headers: dict[str, str] | None = None):
@@ -126,12 +135,12 @@ async def _upload(request: Request, options: dict) -> tuple[bytes, dict]:
         }
     ),
 )
-async def classify(request: Request, pool: Pool) -> dict:
+async def classify(request: Request, pool: Pool) -> Response:
     """Classify one image: the top-k labels with their probabilities."""
     data, opts = await _upload(request, CLASSIFY_OPTIONS)
     served = pool.get("image-classification", opts.get("model"))
     predictions = await served.predict(data, opts.get("top_k", 5))
-    return {"model": served.ref(), "predictions": predictions}
+    return answer({"model": served.ref(), "predictions": predictions})
 
 
 @app.post(
@@ -152,12 +161,12 @@ async def classify(request: Request, pool: Pool) -> dict:
         }
     ),
 )
-async def detect(request: Request, pool: Pool) -> dict:
+async def detect(request: Request, pool: Pool) -> Response:
     """Find objects in one image: labels, scores and boxes in the uploaded image's pixels."""
     data, opts = await _upload(request, DETECT_OPTIONS)
     served = pool.get("object-detection", opts.get("model"))
     result = await served.predict(data, opts.get("score_threshold"), opts.get("max_detections"))
-    return {"model": served.ref(), **result}
+    return answer({"model": served.ref(), **result})
 
 
 @app.post(
@@ -172,12 +181,12 @@ async def detect(request: Request, pool: Pool) -> dict:
         }
     },
 )
-async def sentiment(request: Request, pool: Pool) -> dict:
+async def sentiment(request: Request, pool: Pool) -> Response:
     """Sentiment of each text: the top label, its probability, and every label's probability."""
     body = await request.body()
     texts, model = await off_loop(pool.cpu_executor, len(body), parse_sentiment_body, body, pool.settings, pool.budget)
     served = pool.get("sentiment", model)
-    return {"model": served.ref(), "results": await served.predict(texts)}
+    return answer({"model": served.ref(), "results": await served.predict(texts)})
 
 
 app.include_router(v2_router)

@@ -5,6 +5,11 @@ While the model is idle, a request is dispatched at once (optionally after waiti
 queue (up to `max_batch_size`) becomes the next batch. Batch size therefore follows load with
 no tuning: 1 at low concurrency (no added latency), large under pressure (throughput).
 
+A request that finds itself alone in its worker (`Occupancy`) does not need any of this: the
+model's task code prepares and runs it right on the event loop (service/served.py), which
+saves the four thread hand-offs (loop -> decode thread -> loop -> inference thread -> loop)
+that cost a lone request more than its ONNX run on a busy machine.
+
 Why not BentoML's own `batchable=True` dispatcher: it takes exactly one list-typed argument,
 so preprocessing and per-request options (top_k, thresholds, model) cannot ride along; it
 cancels queued requests whose predicted latency exceeds max_latency (clients see errors under
@@ -15,9 +20,10 @@ request, and refuses new ones only when its queue bound is reached (HTTP 503 + R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -30,6 +36,30 @@ class QueueFull(Exception):
     """The batcher's queue is at its bound; the caller should answer 503 and retry later."""
 
 
+class Occupancy:
+    """How many model requests this worker process is serving right now (all models together).
+
+    `async with occupancy.enter() as alone:` counts the request in for the duration of the block;
+    `alone` is true when no other model request is in flight in this worker. The count is taken
+    after one turn of the event loop, so that requests whose bytes arrived together (while the
+    loop was busy) have all registered before any of them decides: they then see each other and
+    go through the batcher together instead of running one by one.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextlib.asynccontextmanager
+    async def enter(self) -> AsyncIterator[bool]:
+        self.count += 1
+        try:
+            await asyncio.sleep(0)
+            alone = self.count == 1
+            yield alone
+        finally:
+            self.count -= 1
+
+
 @dataclass
 class BatchStats:
     batches: int = 0
@@ -37,8 +67,10 @@ class BatchStats:
     max_seen: int = 0
     busy_s: float = 0.0
     sizes: dict[int, int] = field(default_factory=dict)
+    inline: int = 0  # runs of a lone request on the caller's thread (`Batcher.run_now`)
 
-    def record(self, n: int, seconds: float) -> None:
+    def record(self, n: int, seconds: float, *, inline: bool = False) -> None:
+        self.inline += inline
         self.batches += 1
         self.items += n
         self.max_seen = max(self.max_seen, n)
@@ -81,6 +113,16 @@ class Batcher(Generic[T, R]):
     @property
     def pending(self) -> int:
         return len(self._queue)
+
+    def run_now(self, item: T) -> R:
+        """Run one item on the calling thread, past the queue: for a request alone in its worker
+        (see `Occupancy`), where there is nobody to batch with. Same `fn`, same answer."""
+        start = time.perf_counter()
+        try:
+            (result,) = self._fn([item])
+        finally:
+            self.stats.record(1, time.perf_counter() - start, inline=True)
+        return result
 
     async def submit(self, item: T) -> R:
         """Queue one item and wait for its result."""

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,10 @@ WAIT_S = 20.0
 
 def _mb(n: float) -> str:
     return f"{n / MB:,.0f} MB"
+
+
+class NotNow(Exception):
+    """A hold that `AtOnce` cannot grant right away: do the work on a thread, where it may wait."""
 
 
 @dataclass
@@ -65,8 +69,9 @@ class MemoryBudget:
         self._line: deque[object] = deque()
 
     @contextmanager
-    def hold(self, n: int) -> Iterator[None]:
-        """Hold `n` bytes for the duration of the `with` block (blocks the calling thread)."""
+    def hold(self, n: int, *, wait: bool = True) -> Iterator[None]:
+        """Hold `n` bytes for the duration of the `with` block (blocks the calling thread until
+        they are free; with `wait=False`, raises NotNow instead of waiting)."""
         n = max(0, int(n))
         if n > self.limit:
             self.stats.too_large += 1
@@ -76,7 +81,7 @@ class MemoryBudget:
                 "Send a smaller image or body",
                 status_code=413,
             )
-        self._acquire(n)
+        self._acquire(n, wait)
         try:
             yield
         finally:
@@ -84,10 +89,12 @@ class MemoryBudget:
                 self.stats.held -= n
                 self._cond.notify_all()
 
-    def _acquire(self, n: int) -> None:
+    def _acquire(self, n: int, wait: bool = True) -> None:
         ticket = object()
         deadline = time.monotonic() + self.wait_s
         with self._cond:
+            if not wait and (self._line or self.stats.held + n > self.limit):
+                raise NotNow(f"{_mb(n)} of the memory budget is not free right now")
             self._line.append(ticket)
             try:
                 if self._line[0] is not ticket or self.stats.held + n > self.limit:
@@ -119,6 +126,22 @@ class MemoryBudget:
             "busy_503": s.busy,
             "too_large_413": s.too_large,
         }
+
+
+@dataclass(frozen=True)
+class AtOnce:
+    """The budget as seen by work done on the event loop (a lone request, service/served.py):
+    it may hold up to `max_bytes` if they are free right now; anything larger, or anything that
+    would have to wait its turn, raises NotNow and the work moves to a thread. The loop never
+    blocks on the budget, and never spends long on one large image."""
+
+    budget: MemoryBudget | None
+    max_bytes: int
+
+    def hold(self, n: int) -> AbstractContextManager[object]:
+        if n > self.max_bytes:
+            raise NotNow(f"{_mb(n)} is more than work on the event loop may hold ({_mb(self.max_bytes)})")
+        return self.budget.hold(n, wait=False) if self.budget is not None else nullcontext()
 
 
 def cgroup_memory_limit() -> int | None:

@@ -9,6 +9,10 @@ Every request reaches ONNX Runtime through the batcher, one item per input row: 
 element) alike, so every route shares one queue bound and one batch size limit. A task supplies
 how items become input tensors (`collate`), optionally what to compute per batch on the inference
 thread (`finish`), and how v2 rows become items (`rows_from_tensors`, `rows_from_bytes`).
+
+The one exception is a request that is alone: one input, and no other model request in flight
+in this worker (`run_one`). Nobody can share its run, so it is prepared and run right on the event
+loop, through the same `run_batch` as a batch of one (same answer), without a thread hand-off.
 """
 
 from __future__ import annotations
@@ -16,23 +20,31 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
 from models.errors import InvalidInput
+from models.preprocess import DECODER_BYTES, STRIP_BYTES, MemoryHold
 from models.servable import OpenedVersion
 
-from .batching import Batcher, QueueFull
-from .budget import MemoryBudget
+from .batching import Batcher, Occupancy, QueueFull
+from .budget import AtOnce, MemoryBudget, NotNow
 from .config import Settings
 
 log = logging.getLogger("graft.served")
 
 TASKS: dict[str, type[ServedModel]] = {}
+X = TypeVar("X")
+
+# The most decoding memory (`ImagePreprocessor.decode_cost`) a lone request may hold while it is
+# prepared on the event loop: the decoder's fixed allowance plus about half a megapixel, a few
+# milliseconds of decoding. Larger images are decoded on a thread even when alone, so that probes
+# and new connections never wait long behind one big upload.
+INLINE_HOLD_BYTES = DECODER_BYTES + STRIP_BYTES + 2 * 2**20
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,10 @@ class ServedModel(ABC):
     # Largest batch worth forming for this task when the operator has not set one for the model:
     # None means the global GRAFT_MAX_BATCH_SIZE. Big batches of big tensors only grow the arena.
     batch_cap: ClassVar[int | None] = None
+    # Whether a lone request is prepared and run on the event loop (`run_one`). Off for models
+    # whose single run is long (the detector's ~20 ms would hold up probes and other
+    # connections for as long, to save well under 1% of it).
+    inline_when_alone: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -66,6 +82,7 @@ class ServedModel(ABC):
         infer_executor: Executor,
         cpu_executor: Executor,
         budget: MemoryBudget | None = None,
+        occupancy: Occupancy | None = None,
     ) -> None:
         self.artifact = opened.artifact
         self.manifest = opened.artifact.manifest
@@ -74,6 +91,8 @@ class ServedModel(ABC):
         self.cpu_executor = cpu_executor
         self.infer_executor = infer_executor
         self.budget = budget  # the worker's memory budget for decoding (None: unbounded, in tools)
+        # Model requests in flight in the whole worker, shared by its models (None: this model's own).
+        self.occupancy = occupancy or Occupancy()
         self.input_names = opened.input_names
         self.output_names = opened.output_names
         cfg = settings.batching(self.manifest.name)
@@ -123,13 +142,35 @@ class ServedModel(ABC):
             for i in range(len(items))
         ]
 
+    # ---- a request's way in ------------------------------------------------------------------
+    async def run_one(self, prepare: Callable[[MemoryHold | None], tuple[Any, X]]) -> tuple[RowResult, X]:
+        """One request with one input (an image, a text): `prepare(hold)` turns it into a batcher
+        item, plus whatever its answer needs later (a detection's geometry), holding its memory in
+        `hold`; then the model runs on the item.
+
+        Alone in this worker, both happen right here on the event loop, past the batcher's queue,
+        when the task allows it and the item is small enough (`prepare` raises NotNow otherwise).
+        Otherwise the item is prepared on a decode thread and batched with other requests.
+        """
+        async with self.occupancy.enter() as alone:
+            if alone and self.inline_when_alone:
+                try:
+                    item, extra = prepare(AtOnce(self.budget, INLINE_HOLD_BYTES))
+                except NotNow:
+                    pass
+                else:
+                    return self.batcher.run_now(item), extra
+            item, extra = await asyncio.get_running_loop().run_in_executor(self.cpu_executor, prepare, self.budget)
+            return await self.batcher.submit(item), extra
+
     async def submit_all(self, items: Sequence[Any]) -> list[RowResult]:
         """Queue every item of one request for batching and wait for all of them. A request that
         would take the queue past its bound is refused whole (503), not queued in part."""
         b = self.batcher
         if b.pending + len(items) > b.max_queue:
             raise QueueFull(f"{b.name}: {b.pending} items queued, {len(items)} more would pass {b.max_queue}")
-        return list(await asyncio.gather(*(b.submit(item) for item in items)))
+        async with self.occupancy.enter():
+            return list(await asyncio.gather(*(b.submit(item) for item in items)))
 
     # ---- the KServe v2 route's way in ----------------------------------------------------------
     def rows_from_tensors(self, tensors: dict[str, np.ndarray]) -> list[Any]:
@@ -159,6 +200,7 @@ class ServedModel(ABC):
                 "batches": self.batcher.stats.batches,
                 "items": self.batcher.stats.items,
                 "largest_batch": self.batcher.stats.max_seen,
+                "alone_on_event_loop": self.batcher.stats.inline,
             },
         }
 

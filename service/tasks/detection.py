@@ -19,7 +19,7 @@ import numpy as np
 
 from models.detection import Detections, postprocess
 from models.manifest import DetectionPostprocessing, ImagePreprocessing
-from models.preprocess import DecodeLimits, Geometry, ImagePreprocessor
+from models.preprocess import DecodeLimits, Geometry, ImagePreprocessor, MemoryHold
 
 from ..served import ServedModel, register_task
 
@@ -31,6 +31,7 @@ class ObjectDetector(ServedModel):
     # Measured (docs/BENCHMARKS.md): the detector's images/s is flat from batch 1 to 64 on CPU,
     # while a batch of 32 letterboxed images holds hundreds of MB of activations in the arena.
     batch_cap = 4
+    inline_when_alone = False  # one run takes ~20 ms: not on the event loop (service/served.py)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -43,10 +44,11 @@ class ObjectDetector(ServedModel):
         self.limits = DecodeLimits(max_pixels=self.settings.max_image_pixels)
         self.labels = self.manifest.labels
 
-    def prepare(self, data: bytes) -> tuple[np.ndarray, Geometry]:
+    def prepare(self, data: bytes, hold: MemoryHold | None = None) -> tuple[np.ndarray, Geometry]:
         """Untrusted bytes to the model's input tensor and the geometry that undoes the letterbox
-        (on a decode thread, within the memory budget; full-size decode, no JPEG draft)."""
-        return self.preprocessor.from_bytes(data, self.limits, draft=False, budget=self.budget)
+        (full-size decode, no JPEG draft), the decode's memory held in `hold` (by default the
+        worker's memory budget)."""
+        return self.preprocessor.from_bytes(data, self.limits, draft=False, budget=hold or self.budget)
 
     def collate(self, items: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         return {self.input_names[0]: np.stack(items) if len(items) > 1 else items[0][None]}
@@ -76,12 +78,10 @@ class ObjectDetector(ServedModel):
         self, data: bytes, score_threshold: float | None = None, max_detections: int | None = None
     ) -> dict[str, Any]:
         """Detections for one encoded image, boxes in its own pixels (decoded off the event loop)."""
-        loop = asyncio.get_running_loop()
-        tensor, geometry = await loop.run_in_executor(self.cpu_executor, self.prepare, data)
-        row = (await self.batcher.submit(tensor)).outputs
-        outputs = (row["boxes"], row["scores"])
+        row, geometry = await self.run_one(lambda hold: self.prepare(data, hold))
+        outputs = (row.outputs["boxes"], row.outputs["scores"])
         # NMS over up to 1,000 candidates (threshold 0) takes milliseconds: keep it off the loop.
-        dets = await loop.run_in_executor(
+        dets = await asyncio.get_running_loop().run_in_executor(
             self.cpu_executor, self.detections, outputs, geometry, score_threshold, max_detections
         )
         return {

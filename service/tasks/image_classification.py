@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +9,7 @@ import numpy as np
 
 from models.manifest import ImagePreprocessing
 from models.postprocess import rank, softmax, top_k_ranked
-from models.preprocess import DecodeLimits, ImagePreprocessor
+from models.preprocess import DecodeLimits, ImagePreprocessor, MemoryHold
 
 from ..served import ServedModel, register_task
 
@@ -28,9 +27,10 @@ class ImageClassifier(ServedModel):
         self.limits = DecodeLimits(max_pixels=self.settings.max_image_pixels)
         self.labels = self.manifest.labels
 
-    def prepare(self, data: bytes) -> np.ndarray:
-        """Untrusted bytes to the model's input tensor (on a decode thread, within the memory budget)."""
-        return self.preprocessor.from_bytes(data, self.limits, budget=self.budget)[0]
+    def prepare(self, data: bytes, hold: MemoryHold | None = None) -> np.ndarray:
+        """Untrusted bytes to the model's input tensor, the decode's memory held in `hold` (by
+        default the worker's memory budget)."""
+        return self.preprocessor.from_bytes(data, self.limits, budget=hold or self.budget)[0]
 
     def collate(self, items: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         return {self.input_names[0]: np.stack(items) if len(items) > 1 else items[0][None]}
@@ -49,7 +49,7 @@ class ImageClassifier(ServedModel):
         return self.run_feeds(self.collate([self.prepare(data)]))[self.output_names[0]][0]
 
     async def predict(self, data: bytes, k: int) -> list[dict[str, Any]]:
-        """Top-k labels for one encoded image (decoded off the event loop, batched with others)."""
-        tensor = await asyncio.get_running_loop().run_in_executor(self.cpu_executor, self.prepare, data)
-        probs, order = (await self.batcher.submit(tensor)).extra
+        """Top-k labels for one encoded image (run at once when alone, else batched with others)."""
+        row, _ = await self.run_one(lambda hold: (self.prepare(data, hold), None))
+        probs, order = row.extra
         return top_k_ranked(probs, order, self.labels, k)

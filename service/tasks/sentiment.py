@@ -175,12 +175,15 @@ class SentimentClassifier(ServedModel):
         }
 
     async def predict(self, texts: list[str]) -> list[dict[str, Any]]:
-        """Scores for each text; tokenized off the event loop, each text batched with others."""
+        """Scores for each text. One text: run at once when alone, else batched with others. Several:
+        tokenized off the event loop, each text batched as its own item."""
+        logits = self.output_names[0]
+        if len(texts) == 1:
+            row, _ = await self.run_one(lambda _hold: (self.tokenizer.encode(texts)[0], None))
+            return [self.answer(row.outputs[logits])]
         b = self.batcher
         if b.pending + len(texts) > b.max_queue:
             # Refuse the whole request up front rather than tokenize it for nothing.
             raise QueueFull(f"{b.name}: {b.pending} texts queued, {len(texts)} more would pass {b.max_queue}")
-        loop = asyncio.get_running_loop()
-        encodings = await loop.run_in_executor(self.cpu_executor, self.tokenizer.encode, texts)
-        logits = self.output_names[0]
+        encodings = await asyncio.get_running_loop().run_in_executor(self.cpu_executor, self.tokenizer.encode, texts)
         return [self.answer(r.outputs[logits]) for r in await self.submit_all(encodings)]

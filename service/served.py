@@ -148,19 +148,19 @@ class ServedModel(ABC):
         item, plus whatever its answer needs later (a detection's geometry), holding its memory in
         `hold`; then the model runs on the item.
 
-        Alone in this worker, both happen right here on the event loop, past the batcher's queue,
-        when the task allows it and the item is small enough (`prepare` raises NotNow otherwise).
-        Otherwise the item is prepared on a decode thread and batched with other requests.
+        A small input is prepared right here on the event loop (`prepare` raises NotNow for a
+        large one, which goes to a decode thread): a thread hand-off costs more than decoding a
+        small image. The model then runs right here too when the request is alone in this worker
+        and the task allows it; otherwise the item joins the batcher.
         """
         async with self.occupancy.enter() as alone:
-            if alone and self.inline_when_alone:
-                try:
-                    item, extra = prepare(AtOnce(self.budget, INLINE_HOLD_BYTES))
-                except NotNow:
-                    pass
-                else:
+            try:
+                item, extra = prepare(AtOnce(self.budget, INLINE_HOLD_BYTES))
+            except NotNow:
+                item, extra = await asyncio.get_running_loop().run_in_executor(self.cpu_executor, prepare, self.budget)
+            else:
+                if alone and self.inline_when_alone:
                     return self.batcher.run_now(item), extra
-            item, extra = await asyncio.get_running_loop().run_in_executor(self.cpu_executor, prepare, self.budget)
             return await self.batcher.submit(item), extra
 
     async def submit_all(self, items: Sequence[Any]) -> list[RowResult]:

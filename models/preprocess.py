@@ -305,8 +305,8 @@ class ImagePreprocessor:
         loaded = w * h * _STORAGE_BYTES.get(img.mode, 4)
         if img.mode == "RGB" or self._resample == Image.Resampling.NEAREST:
             converted = 0 if img.mode == "RGB" else w * h * 4
-        else:
-            converted = STRIP_BYTES
+        else:  # strips of at most STRIP_PIXELS; a small image is one strip of its own size
+            converted = min(STRIP_BYTES, w * h * (STRIP_BYTES // STRIP_PIXELS))
         reduced = 0
         for size in (self.size, self.size[::-1]):  # either orientation, as EXIF is read on load
             fx, fy = _reduce_factors((w, h), size)

@@ -5,10 +5,13 @@ While the model is idle, a request is dispatched at once (optionally after waiti
 queue (up to `max_batch_size`) becomes the next batch. Batch size therefore follows load with
 no tuning: 1 at low concurrency (no added latency), large under pressure (throughput).
 
-A request that finds itself alone in its worker (`Occupancy`) does not need any of this: the
-model's task code prepares and runs it right on the event loop (service/served.py), which
-saves the four thread hand-offs (loop -> decode thread -> loop -> inference thread -> loop)
-that cost a lone request more than its ONNX run on a busy machine.
+Where a batch runs: on the event loop itself when it is expected to take at most `loop_run_ms`
+(from the model's measured time per item), else on the inference thread. A short run costs
+less than the two thread hand-offs (loop -> inference thread -> loop) it would otherwise take,
+and with a worker per CPU there is no second core for the loop to use meanwhile. Long runs (a
+detector's batch, a batch of long texts) stay on the thread, so that the loop keeps answering
+probes and reading new requests while they run. A batch due on the loop takes only as many items
+as fit in `loop_run_ms`; the rest wait one turn of the loop, in which new requests are read.
 
 Why not BentoML's own `batchable=True` dispatcher: it takes exactly one list-typed argument,
 so preprocessing and per-request options (top_k, thresholds, model) cannot ride along; it
@@ -20,10 +23,9 @@ request, and refuses new ones only when its queue bound is reached (HTTP 503 + R
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -36,30 +38,6 @@ class QueueFull(Exception):
     """The batcher's queue is at its bound; the caller should answer 503 and retry later."""
 
 
-class Occupancy:
-    """How many model requests this worker process is serving right now (all models together).
-
-    `async with occupancy.enter() as alone:` counts the request in for the duration of the block;
-    `alone` is true when no other model request is in flight in this worker. The count is taken
-    after one turn of the event loop, so that requests whose bytes arrived together (while the
-    loop was busy) have all registered before any of them decides: they then see each other and
-    go through the batcher together instead of running one by one.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    @contextlib.asynccontextmanager
-    async def enter(self) -> AsyncIterator[bool]:
-        self.count += 1
-        try:
-            await asyncio.sleep(0)
-            alone = self.count == 1
-            yield alone
-        finally:
-            self.count -= 1
-
-
 @dataclass
 class BatchStats:
     batches: int = 0
@@ -67,10 +45,14 @@ class BatchStats:
     max_seen: int = 0
     busy_s: float = 0.0
     sizes: dict[int, int] = field(default_factory=dict)
-    inline: int = 0  # runs of a lone request on the caller's thread (`Batcher.run_now`)
+    on_loop: int = 0  # batches run on the event loop rather than the inference thread
+    # Seconds per item, a moving average over recent runs (None until the first run ends).
+    item_s: float | None = None
 
-    def record(self, n: int, seconds: float, *, inline: bool = False) -> None:
-        self.inline += inline
+    def record(self, n: int, seconds: float, *, on_loop: bool = False) -> None:
+        self.on_loop += on_loop
+        per_item = seconds / n
+        self.item_s = per_item if self.item_s is None else 0.8 * self.item_s + 0.2 * per_item
         self.batches += 1
         self.items += n
         self.max_seen = max(self.max_seen, n)
@@ -79,10 +61,12 @@ class BatchStats:
 
 
 class Batcher(Generic[T, R]):
-    """Collects items from concurrent coroutines and runs `fn(list_of_items)` in `executor`.
+    """Collects items from concurrent coroutines and runs `fn(list_of_items)`: on the event loop
+    when the batch is expected to take at most `loop_run_ms`, else in `executor` (so that the
+    loop stays free to accept and read other requests meanwhile). `loop_run_ms=0`: always in
+    `executor`.
 
-    `fn` must return one result per item, in order. It runs on the executor's thread, so the
-    event loop stays free to accept and decode other requests meanwhile.
+    `fn` must return one result per item, in order.
     """
 
     def __init__(
@@ -93,6 +77,7 @@ class Batcher(Generic[T, R]):
         max_batch_size: int = 32,
         max_latency_ms: float = 0.0,
         max_queue: int = 1024,
+        loop_run_ms: float = 0.0,
         name: str = "batcher",
     ) -> None:
         if max_batch_size < 1:
@@ -102,6 +87,7 @@ class Batcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_latency_s = max(0.0, max_latency_ms) / 1000.0
         self.max_queue = max_queue
+        self.loop_run_s = max(0.0, loop_run_ms) / 1000.0
         self.name = name
         self.stats = BatchStats()
         self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
@@ -113,16 +99,6 @@ class Batcher(Generic[T, R]):
     @property
     def pending(self) -> int:
         return len(self._queue)
-
-    def run_now(self, item: T) -> R:
-        """Run one item on the calling thread, past the queue: for a request alone in its worker
-        (see `Occupancy`), where there is nobody to batch with. Same `fn`, same answer."""
-        start = time.perf_counter()
-        try:
-            (result,) = self._fn([item])
-        finally:
-            self.stats.record(1, time.perf_counter() - start, inline=True)
-        return result
 
     async def submit(self, item: T) -> R:
         """Queue one item and wait for its result."""
@@ -138,9 +114,16 @@ class Batcher(Generic[T, R]):
             self._arrived.set()
         return await fut
 
-    def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
+    def _plan(self) -> tuple[int, bool]:
+        """The next batch's size limit, and whether it runs on the event loop."""
+        per_item = self.stats.item_s
+        if not self.loop_run_s or per_item is None or per_item > self.loop_run_s:  # off, unmeasured, too long
+            return self.max_batch_size, False
+        return min(self.max_batch_size, max(1, int(self.loop_run_s / max(per_item, 1e-9)))), True
+
+    def _take(self, limit: int) -> list[tuple[T, asyncio.Future[R]]]:
         batch = []
-        while self._queue and len(batch) < self.max_batch_size:
+        while self._queue and len(batch) < limit:
             item, fut = self._queue.popleft()
             if not fut.done():  # skip requests whose client went away
                 batch.append((item, fut))
@@ -157,30 +140,41 @@ class Batcher(Generic[T, R]):
             except TimeoutError:
                 return
 
+    def _timed(self, items: list[T]) -> tuple[Sequence[R], float]:
+        start = time.perf_counter()
+        results = self._fn(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"{self.name}: batch of {len(items)} returned {len(results)} results")
+        return results, time.perf_counter() - start
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while self._queue:
             if self.max_latency_s and len(self._queue) < self.max_batch_size:
                 await self._gather_company()
-            batch = self._take()
+            limit, on_loop = self._plan()
+            batch = self._take(limit)
             if not batch:
                 continue
             items = [item for item, _ in batch]
-            start = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self._fn, items)
-                if len(results) != len(items):
-                    raise RuntimeError(f"{self.name}: batch of {len(items)} returned {len(results)} results")
+                if on_loop:
+                    results, seconds = self._timed(items)
+                else:
+                    results, seconds = await loop.run_in_executor(self._executor, self._timed, items)
+                self.stats.record(len(items), seconds, on_loop=on_loop)
             except Exception as e:  # one failed run fails its own batch, never the loop
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(e)
-                continue
-            finally:
-                self.stats.record(len(items), time.perf_counter() - start)
-            for (_, fut), res in zip(batch, results, strict=True):
-                if not fut.done():
-                    fut.set_result(res)
+            else:
+                for (_, fut), res in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(res)
+            if on_loop:
+                # Let the answered requests respond, and requests that arrived meanwhile be read,
+                # before the next batch takes the loop again.
+                await asyncio.sleep(0)
 
     async def drain(self) -> None:
         """Wait until every queued item has been answered."""

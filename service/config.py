@@ -58,6 +58,9 @@ class BatchingConfig:
     # 0 dispatches at once; while a batch runs, new requests queue and form the next one.
     max_latency_ms: float = 0.0
     max_queue: int = 1024
+    # The longest a batch may be expected to take to run on the event loop instead of the inference
+    # thread (service/batching.py); 0 runs every batch on the thread.
+    loop_run_ms: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class Settings:
             max_batch_size=_int("GRAFT_MAX_BATCH_SIZE", 32, lo=1),
             max_latency_ms=_float("GRAFT_MAX_LATENCY_MS", 0.0),
             max_queue=_int("GRAFT_MAX_QUEUE", 1024, lo=1),
+            loop_run_ms=_float("GRAFT_LOOP_RUN_MS", 10.0),
         )
         per_model: dict[str, BatchingConfig] = {}
         raw = os.environ.get("GRAFT_BATCHING")

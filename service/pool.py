@@ -24,7 +24,6 @@ from typing import Any
 from models import servable, versions
 from models.errors import ArtifactError, InvalidInput
 
-from .batching import Occupancy
 from .budget import MemoryBudget
 from .config import Settings
 from .served import TASKS, ServedModel
@@ -88,7 +87,6 @@ class ModelPool:
         self.budget = budget
         self._infer = infer_executor
         self.cpu_executor = cpu_executor  # decoding, tokenizing, parsing large bodies
-        self.occupancy = Occupancy()  # model requests in flight in this worker, all models together
         self._states: dict[str, ModelState] = {}
         self._lock = threading.Lock()  # one reload at a time
         self.generation = 0
@@ -153,7 +151,6 @@ class ModelPool:
             infer_executor=self._infer,
             cpu_executor=self.cpu_executor,
             budget=self.budget,
-            occupancy=self.occupancy,
         )
 
     def _try_open(self, state: ModelState, version: str, refused: list[str]) -> ServedModel | None:

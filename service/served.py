@@ -10,9 +10,9 @@ element) alike, so every route shares one queue bound and one batch size limit. 
 how items become input tensors (`collate`), optionally what to compute per batch on the inference
 thread (`finish`), and how v2 rows become items (`rows_from_tensors`, `rows_from_bytes`).
 
-The one exception is a request that is alone: one input, and no other model request in flight
-in this worker (`run_one`). Nobody can share its run, so it is prepared and run right on the event
-loop, through the same `run_batch` as a batch of one (same answer), without a thread hand-off.
+A request with one small input (an image of a few hundred kB, a text) is prepared right on the
+event loop (`run_one`): a thread hand-off there and back costs more than decoding it. Whether the
+model then runs on the loop or on the inference thread is the batcher's call (service/batching.py).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from models.errors import InvalidInput
-from models.preprocess import DECODER_BYTES, STRIP_BYTES, MemoryHold
+from models.preprocess import DECODER_BYTES, MemoryHold
 from models.servable import OpenedVersion
 
-from .batching import Batcher, Occupancy, QueueFull
+from .batching import Batcher, QueueFull
 from .budget import AtOnce, MemoryBudget, NotNow
 from .config import Settings
 
@@ -40,11 +40,12 @@ log = logging.getLogger("graft.served")
 TASKS: dict[str, type[ServedModel]] = {}
 X = TypeVar("X")
 
-# The most decoding memory (`ImagePreprocessor.decode_cost`) a lone request may hold while it is
-# prepared on the event loop: the decoder's fixed allowance plus about half a megapixel, a few
-# milliseconds of decoding. Larger images are decoded on a thread even when alone, so that probes
-# and new connections never wait long behind one big upload.
-INLINE_HOLD_BYTES = DECODER_BYTES + STRIP_BYTES + 2 * 2**20
+# What an input may be to be prepared on the event loop: at most this many bytes as sent, and at
+# most this much decoding memory (`ImagePreprocessor.decode_cost`: the decoder's fixed allowance
+# plus about half a megapixel), a few milliseconds of work. Larger inputs are decoded on a thread,
+# so that probes and other connections never wait long behind one big upload.
+LOOP_INPUT_BYTES = 512 * 1024
+LOOP_HOLD_BYTES = DECODER_BYTES + 2 * 2**20
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,6 @@ class ServedModel(ABC):
     # Largest batch worth forming for this task when the operator has not set one for the model:
     # None means the global GRAFT_MAX_BATCH_SIZE. Big batches of big tensors only grow the arena.
     batch_cap: ClassVar[int | None] = None
-    # Whether a lone request is prepared and run on the event loop (`run_one`). Off for models
-    # whose single run is long (the detector's ~20 ms would hold up probes and other
-    # connections for as long, to save well under 1% of it).
-    inline_when_alone: ClassVar[bool] = True
-
     def __init__(
         self,
         opened: OpenedVersion,
@@ -82,7 +78,6 @@ class ServedModel(ABC):
         infer_executor: Executor,
         cpu_executor: Executor,
         budget: MemoryBudget | None = None,
-        occupancy: Occupancy | None = None,
     ) -> None:
         self.artifact = opened.artifact
         self.manifest = opened.artifact.manifest
@@ -91,8 +86,6 @@ class ServedModel(ABC):
         self.cpu_executor = cpu_executor
         self.infer_executor = infer_executor
         self.budget = budget  # the worker's memory budget for decoding (None: unbounded, in tools)
-        # Model requests in flight in the whole worker, shared by its models (None: this model's own).
-        self.occupancy = occupancy or Occupancy()
         self.input_names = opened.input_names
         self.output_names = opened.output_names
         cfg = settings.batching(self.manifest.name)
@@ -105,6 +98,7 @@ class ServedModel(ABC):
             max_batch_size=max_batch,
             max_latency_ms=cfg.max_latency_ms,
             max_queue=cfg.max_queue,
+            loop_run_ms=cfg.loop_run_ms,
             name=f"{self.manifest.name}:{self.manifest.version}",
         )
 
@@ -143,25 +137,22 @@ class ServedModel(ABC):
         ]
 
     # ---- a request's way in ------------------------------------------------------------------
-    async def run_one(self, prepare: Callable[[MemoryHold | None], tuple[Any, X]]) -> tuple[RowResult, X]:
-        """One request with one input (an image, a text): `prepare(hold)` turns it into a batcher
-        item, plus whatever its answer needs later (a detection's geometry), holding its memory in
-        `hold`; then the model runs on the item.
+    async def run_one(self, prepare: Callable[[MemoryHold | None], tuple[Any, X]], size: int) -> tuple[RowResult, X]:
+        """One request with one input of `size` bytes (an image, a text): `prepare(hold)` turns it
+        into a batcher item, plus whatever its answer needs later (a detection's geometry),
+        holding its decoding memory in `hold`; then the item is batched with other requests'.
 
-        A small input is prepared right here on the event loop (`prepare` raises NotNow for a
-        large one, which goes to a decode thread): a thread hand-off costs more than decoding a
-        small image. The model then runs right here too when the request is alone in this worker
-        and the task allows it; otherwise the item joins the batcher.
+        A small input is prepared right here on the event loop (`prepare` raises NotNow when its
+        decoding would need more memory than that allows, or would have to wait for it); a large
+        one on a decode thread.
         """
-        async with self.occupancy.enter() as alone:
-            try:
-                item, extra = prepare(AtOnce(self.budget, INLINE_HOLD_BYTES))
-            except NotNow:
-                item, extra = await asyncio.get_running_loop().run_in_executor(self.cpu_executor, prepare, self.budget)
-            else:
-                if alone and self.inline_when_alone:
-                    return self.batcher.run_now(item), extra
-            return await self.batcher.submit(item), extra
+        try:
+            if size > LOOP_INPUT_BYTES:
+                raise NotNow(f"{size} bytes")
+            item, extra = prepare(AtOnce(self.budget, LOOP_HOLD_BYTES))
+        except NotNow:
+            item, extra = await asyncio.get_running_loop().run_in_executor(self.cpu_executor, prepare, self.budget)
+        return await self.batcher.submit(item), extra
 
     async def submit_all(self, items: Sequence[Any]) -> list[RowResult]:
         """Queue every item of one request for batching and wait for all of them. A request that
@@ -169,8 +160,7 @@ class ServedModel(ABC):
         b = self.batcher
         if b.pending + len(items) > b.max_queue:
             raise QueueFull(f"{b.name}: {b.pending} items queued, {len(items)} more would pass {b.max_queue}")
-        async with self.occupancy.enter():
-            return list(await asyncio.gather(*(b.submit(item) for item in items)))
+        return list(await asyncio.gather(*(b.submit(item) for item in items)))
 
     # ---- the KServe v2 route's way in ----------------------------------------------------------
     def rows_from_tensors(self, tensors: dict[str, np.ndarray]) -> list[Any]:
@@ -200,7 +190,7 @@ class ServedModel(ABC):
                 "batches": self.batcher.stats.batches,
                 "items": self.batcher.stats.items,
                 "largest_batch": self.batcher.stats.max_seen,
-                "alone_on_event_loop": self.batcher.stats.inline,
+                "on_event_loop": self.batcher.stats.on_loop,
             },
         }
 

@@ -31,7 +31,6 @@ class ObjectDetector(ServedModel):
     # Measured (docs/BENCHMARKS.md): the detector's images/s is flat from batch 1 to 64 on CPU,
     # while a batch of 32 letterboxed images holds hundreds of MB of activations in the arena.
     batch_cap = 4
-    inline_when_alone = False  # one run takes ~20 ms: not on the event loop (service/served.py)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -78,7 +77,7 @@ class ObjectDetector(ServedModel):
         self, data: bytes, score_threshold: float | None = None, max_detections: int | None = None
     ) -> dict[str, Any]:
         """Detections for one encoded image, boxes in its own pixels (decoded off the event loop)."""
-        row, geometry = await self.run_one(lambda hold: self.prepare(data, hold))
+        row, geometry = await self.run_one(lambda hold: self.prepare(data, hold), len(data))
         outputs = (row.outputs["boxes"], row.outputs["scores"])
         # NMS over up to 1,000 candidates (threshold 0) takes milliseconds: keep it off the loop.
         dets = await asyncio.get_running_loop().run_in_executor(

@@ -50,6 +50,6 @@ class ImageClassifier(ServedModel):
 
     async def predict(self, data: bytes, k: int) -> list[dict[str, Any]]:
         """Top-k labels for one encoded image (run at once when alone, else batched with others)."""
-        row, _ = await self.run_one(lambda hold: (self.prepare(data, hold), None))
+        row, _ = await self.run_one(lambda hold: (self.prepare(data, hold), None), len(data))
         probs, order = row.extra
         return top_k_ranked(probs, order, self.labels, k)

@@ -179,7 +179,7 @@ class SentimentClassifier(ServedModel):
         tokenized off the event loop, each text batched as its own item."""
         logits = self.output_names[0]
         if len(texts) == 1:
-            row, _ = await self.run_one(lambda _hold: (self.tokenizer.encode(texts)[0], None))
+            row, _ = await self.run_one(lambda _hold: (self.tokenizer.encode(texts)[0], None), len(texts[0]))
             return [self.answer(row.outputs[logits])]
         b = self.batcher
         if b.pending + len(texts) > b.max_queue:

@@ -2,7 +2,8 @@
 
 A version is *servable* when all of this holds, checked in this order by `open_version`:
 
-1. the folder is a valid artifact (schema, every file's sha256; `models.artifact`);
+1. the folder is a valid artifact (schema, every file's sha256; `models.artifact`; a server
+   remembers the checksums of files it hashed before, `models.checksums`);
 2. its manifest names this model and a task graft serves;
 3. ONNX Runtime opens `model.onnx`, and the graph's inputs are the ones the manifest declares;
 4. the task can serve the graph (`check_task`): a detector's graph returns `boxes` and `scores`
@@ -23,15 +24,17 @@ that works. `pick` is that walk; the server caches refusals around it, `scripts.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from . import versions
-from .artifact import Artifact, load_artifact
+from .artifact import Artifact, load_artifact, sha256_file
+from .checksums import ChecksumCache
 from .errors import ArtifactError
 from .runtime import CPU_PROVIDER, create_session
 
@@ -49,6 +52,9 @@ class OpenedVersion:
 
     artifact: Artifact
     session: ort.InferenceSession
+    # Seconds spent on each step of opening it: "verify" (manifest and checksums), "session"
+    # (ONNX Runtime), "checks" (task checks and the warm-up sample). Cold-start accounting.
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def input_names(self) -> list[str]:
@@ -163,11 +169,22 @@ def open_version(
     name: str | None = None,
     threads: int = 1,
     providers: tuple[str, ...] = (CPU_PROVIDER,),
+    checksums: ChecksumCache | None = None,
 ) -> OpenedVersion:
-    """Open and verify one version folder, or raise ArtifactError saying why it is refused."""
+    """Open and verify one version folder, or raise ArtifactError saying why it is refused.
+
+    `checksums`: where a server remembers the sha256 of files it verified before (unchanged files
+    are not hashed again; the comparison with the manifest is made every time)."""
     folder = Path(folder)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
     try:
-        artifact = load_artifact(folder)
+        if checksums is None:
+            artifact = load_artifact(folder)
+        else:
+            with checksums.version(folder, sha256_file) as hasher:
+                artifact = load_artifact(folder, hash_file=hasher)
+        timings["verify"] = time.perf_counter() - started
         m = artifact.manifest
         if name is not None and m.name != name:
             raise ArtifactError(f"manifest name {m.name!r} does not match folder {name!r}")
@@ -177,6 +194,7 @@ def open_version(
             session = create_session(artifact.model_path, threads=threads, providers=providers)
         except Exception as e:  # onnxruntime's errors derive from Exception only
             raise ArtifactError(f"ONNX Runtime cannot load {m.model_file}: {_one_line(e)}") from e
+        timings["session"] = time.perf_counter() - started - timings["verify"]
         graph_inputs = {i.name for i in session.get_inputs()}
         declared = {i.name for i in m.inputs}
         if graph_inputs != declared:
@@ -192,7 +210,8 @@ def open_version(
         raise ArtifactError(_relative(str(e), folder)) from e
     except Exception as e:  # anything else (a permission error, a bug in a task's code) refuses too
         raise ArtifactError(f"{type(e).__name__}: {_one_line(e)}") from e
-    return OpenedVersion(artifact, session)
+    timings["checks"] = time.perf_counter() - started - timings["verify"] - timings["session"]
+    return OpenedVersion(artifact, session, timings)
 
 
 def serving_order(root: Path, name: str) -> list[str]:

@@ -26,6 +26,7 @@ class BentoServer:
     """`with BentoServer(registry) as srv: httpx.get(srv.url + "/models")`.
 
     Waits for /readyz (models loaded and warmed up) and stops the whole process group on exit.
+    `target` is the BentoML service to serve: graft's by default (benchmarks serve a peer too).
     """
 
     def __init__(
@@ -37,8 +38,10 @@ class BentoServer:
         ready_timeout: float = 120.0,
         log_path: Path | None = None,
         python: str | None = None,
+        target: str = "service:Graft",
     ) -> None:
         self.registry = Path(registry)
+        self.target = target
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_env = env or {}
@@ -62,7 +65,7 @@ class BentoServer:
             **self.extra_env,
         }
         bentoml = str(Path(self.python).parent / "bentoml")
-        cmd = [bentoml, "serve", "service:Graft", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [bentoml, "serve", self.target, "--host", "127.0.0.1", "--port", str(self.port)]
         self._log = open(self.log_path, "wb")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(

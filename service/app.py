@@ -22,7 +22,7 @@ from models.errors import InvalidInput
 
 from .batching import QueueFull
 from .bodies import off_loop
-from .middleware import BodySizeLimit, RequestId
+from .pool import ModelPool
 from .reload import Reloader
 from .schemas import (
     ClassifyResponse,
@@ -56,9 +56,8 @@ app = FastAPI(
     redoc_url=None,
     openapi_url=None,  # BentoML serves the merged OpenAPI document at /docs.json
 )
-# Outermost last: RequestId (and the error barrier) -> BodySizeLimit -> routes.
-app.add_middleware(BodySizeLimit)
-app.add_middleware(RequestId)
+# RequestId (and the error barrier) and BodySizeLimit wrap the whole BentoML app, so that they
+# cover BentoML's API routes too (service/service.py).
 
 
 def answer(body: dict) -> Response:
@@ -117,6 +116,30 @@ async def _upload(request: Request, options: dict) -> tuple[bytes, dict]:
     return read_image_upload(await request.body(), request.headers.get("content-type"), request.query_params, options)
 
 
+# ---- what a task request does once parsed: shared by these routes and BentoML's API (service/bento_api.py)
+async def classify_image(pool: ModelPool, data: bytes, opts: dict) -> Response:
+    served = pool.get("image-classification", opts.get("model"))
+    predictions = await served.predict(data, opts.get("top_k", 5))
+    return answer({"model": served.ref(), "predictions": predictions})
+
+
+async def detect_objects(pool: ModelPool, data: bytes, opts: dict) -> Response:
+    served = pool.get("object-detection", opts.get("model"))
+    result = await served.predict(data, opts.get("score_threshold"), opts.get("max_detections"))
+    return answer({"model": served.ref(), **result})
+
+
+async def read_texts(request: Request, pool: ModelPool) -> tuple[list[str], str | None]:
+    """The texts and model name of a sentiment request's JSON body (large bodies parsed off the loop)."""
+    body = await request.body()
+    return await off_loop(pool.cpu_executor, len(body), parse_sentiment_body, body, pool.settings, pool.budget)
+
+
+async def score_texts(pool: ModelPool, texts: list[str], model: str | None) -> Response:
+    served = pool.get("sentiment", model)
+    return answer({"model": served.ref(), "results": await served.predict(texts)})
+
+
 @app.post(
     "/classify",
     response_model=ClassifyResponse,
@@ -138,9 +161,7 @@ async def _upload(request: Request, options: dict) -> tuple[bytes, dict]:
 async def classify(request: Request, pool: Pool) -> Response:
     """Classify one image: the top-k labels with their probabilities."""
     data, opts = await _upload(request, CLASSIFY_OPTIONS)
-    served = pool.get("image-classification", opts.get("model"))
-    predictions = await served.predict(data, opts.get("top_k", 5))
-    return answer({"model": served.ref(), "predictions": predictions})
+    return await classify_image(pool, data, opts)
 
 
 @app.post(
@@ -164,9 +185,7 @@ async def classify(request: Request, pool: Pool) -> Response:
 async def detect(request: Request, pool: Pool) -> Response:
     """Find objects in one image: labels, scores and boxes in the uploaded image's pixels."""
     data, opts = await _upload(request, DETECT_OPTIONS)
-    served = pool.get("object-detection", opts.get("model"))
-    result = await served.predict(data, opts.get("score_threshold"), opts.get("max_detections"))
-    return answer({"model": served.ref(), **result})
+    return await detect_objects(pool, data, opts)
 
 
 @app.post(
@@ -183,10 +202,8 @@ async def detect(request: Request, pool: Pool) -> Response:
 )
 async def sentiment(request: Request, pool: Pool) -> Response:
     """Sentiment of each text: the top label, its probability, and every label's probability."""
-    body = await request.body()
-    texts, model = await off_loop(pool.cpu_executor, len(body), parse_sentiment_body, body, pool.settings, pool.budget)
-    served = pool.get("sentiment", model)
-    return answer({"model": served.ref(), "results": await served.predict(texts)})
+    texts, model = await read_texts(request, pool)
+    return await score_texts(pool, texts, model)
 
 
 app.include_router(v2_router)

@@ -22,7 +22,19 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class ClientErrorTraceFilter(logging.Filter):
+    """Drop BentoML's "Exception on /bentoml/... [POST]" traceback when the exception is a client's
+    bad input (a 4xx that service/bento_api.py raised on purpose): the access log already has the
+    line, and a stream of bad requests must not fill the log with tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and getattr(exc, "error_code", 500) < 500 and record.levelno >= logging.ERROR)
+
+
 _FILTER = RequestIdFilter()
+# The logger of BentoML's API endpoint wrapper (bentoml/_internal/server/http_app.py, log_exception).
+BENTOML_API_LOGGER = "bentoml._internal.server.http_app"
 
 
 def install_request_id_logging() -> None:
@@ -32,3 +44,6 @@ def install_request_id_logging() -> None:
         if _FILTER not in handler.filters:
             handler.addFilter(_FILTER)
     logging.getLogger("graft").setLevel(logging.INFO)
+    api_log = logging.getLogger(BENTOML_API_LOGGER)
+    if not any(isinstance(f, ClientErrorTraceFilter) for f in api_log.filters):
+        api_log.addFilter(ClientErrorTraceFilter())

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models import servable, versions
+from models.checksums import ChecksumCache
 from models.errors import ArtifactError, InvalidInput
 
 from .budget import MemoryBudget
@@ -82,9 +83,11 @@ class ModelPool:
         infer_executor: Executor,
         cpu_executor: Executor,
         budget: MemoryBudget | None = None,
+        checksums: ChecksumCache | None = None,
     ) -> None:
         self.settings = settings
         self.budget = budget
+        self.checksums = checksums  # remembered sha256 of files verified before (None: hash every time)
         self._infer = infer_executor
         self.cpu_executor = cpu_executor  # decoding, tokenizing, parsing large bodies
         self._states: dict[str, ModelState] = {}
@@ -92,6 +95,8 @@ class ModelPool:
         self.generation = 0
         self.last_signature: tuple[object, ...] = ()
         self.problem: str | None = None  # the registry as a whole could not be read
+        # Seconds spent opening versions, by step (models.servable.OpenedVersion.timings), summed.
+        self.open_timings: dict[str, float] = {}
 
     # ---- lookup -------------------------------------------------------------------------
     def get(self, task: str, name: str | None = None) -> ServedModel:
@@ -142,8 +147,14 @@ class ModelPool:
     def _open(self, name: str, version: str) -> ServedModel:
         settings = self.settings
         opened = servable.open_version(
-            settings.registry / name / version, name=name, threads=settings.ort_threads, providers=settings.providers
+            settings.registry / name / version,
+            name=name,
+            threads=settings.ort_threads,
+            providers=settings.providers,
+            checksums=self.checksums,
         )
+        for step, seconds in opened.timings.items():
+            self.open_timings[step] = self.open_timings.get(step, 0.0) + seconds
         cls = TASKS[opened.artifact.manifest.task]
         return cls(
             opened,

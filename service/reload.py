@@ -59,6 +59,17 @@ def default_state_dir(registry: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"graft-state-{os.getuid()}-{os.getppid()}-{key}"
 
 
+def checksum_dir(state_dir: Path | None) -> Path:
+    """Where workers remember artifact checksums (models.checksums): under GRAFT_STATE_DIR when set,
+    else one private folder per user under $TMPDIR. Unlike the reload state, it outlives the
+    server, so that a restart does not hash unchanged files again."""
+    if state_dir is not None:
+        folder = Path(state_dir) / "checksums"
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return folder
+    return private_dir(Path(tempfile.gettempdir()) / f"graft-checksums-{os.getuid()}")
+
+
 def private_dir(path: Path) -> Path:
     """Create `path` (mode 0700), or accept it only if it is a real folder owned by this user
     that no one else can write: in a shared /tmp, anyone could have made it first, and whoever

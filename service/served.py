@@ -70,6 +70,7 @@ class ServedModel(ABC):
     # Largest batch worth forming for this task when the operator has not set one for the model:
     # None means the global GRAFT_MAX_BATCH_SIZE. Big batches of big tensors only grow the arena.
     batch_cap: ClassVar[int | None] = None
+
     def __init__(
         self,
         opened: OpenedVersion,

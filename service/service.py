@@ -20,15 +20,21 @@ from .runtime import limit_malloc_arenas
 limit_malloc_arenas()  # before the decode and ONNX Runtime threads exist
 
 import bentoml  # noqa: E402
+from starlette.responses import Response  # noqa: E402
+
+from models.checksums import ChecksumCache  # noqa: E402
 
 from . import tasks  # noqa: E402, F401  (registers the task runners)
-from .app import app  # noqa: E402
+from .app import app, classify_image, detect_objects, score_texts  # noqa: E402
+from .bento_api import ROUTE_PREFIX, ClassifyInput, DetectInput, SentimentInput, bentoml_errors  # noqa: E402
 from .budget import MemoryBudget, budget_for_this_worker  # noqa: E402
 from .config import Settings  # noqa: E402
 from .logs import install_request_id_logging  # noqa: E402
+from .middleware import BodySizeLimit, RequestId  # noqa: E402
 from .pool import ModelPool  # noqa: E402
-from .reload import Reloader, ReloadSignal  # noqa: E402
+from .reload import Reloader, ReloadSignal, checksum_dir  # noqa: E402
 from .runtime import disable_idle_tracing  # noqa: E402
+from .schemas import ClassifyResponse, DetectResponse, SentimentResponse  # noqa: E402
 from .state import install  # noqa: E402
 
 log = logging.getLogger("graft")
@@ -67,15 +73,19 @@ class Graft:
         # The memory budget is sized from what this worker holds once its models are loaded, so
         # it starts at a placeholder and is set right after the first scan.
         self.budget = MemoryBudget(1)
+        state_dir = os.environ.get("GRAFT_STATE_DIR")
         self.pool = ModelPool(
-            self.settings, infer_executor=self.infer_executor, cpu_executor=self.cpu_executor, budget=self.budget
+            self.settings,
+            infer_executor=self.infer_executor,
+            cpu_executor=self.cpu_executor,
+            budget=self.budget,
+            checksums=ChecksumCache(checksum_dir(Path(state_dir) if state_dir else None)),
         )
         self.pool.scan()
         sized = budget_for_this_worker(
             self.settings.request_memory_mb, self.settings.memory_limit_mb, self.settings.workers
         )
         self.budget.limit, self.budget.source = sized.limit, sized.source
-        state_dir = os.environ.get("GRAFT_STATE_DIR")
         self.reloader = Reloader(
             self.pool,
             ReloadSignal(self.settings.registry, Path(state_dir) if state_dir else None),
@@ -85,7 +95,7 @@ class Graft:
         install_request_id_logging()
         log.info(
             "graft worker ready: registry=%s models=%s ort_threads=%d memory budget=%.0f MB (%s) tracing=%s; "
-            "models loaded and warmed up in %.2f s, %.2f s after the process started",
+            "models loaded and warmed up in %.2f s (%s), %.2f s after the process started",
             self.settings.registry,
             [f"{m.name}:{m.version}" for m in self.pool.served()],
             self.settings.ort_threads,
@@ -93,6 +103,7 @@ class Graft:
             self.budget.source,
             "off (not configured)" if TRACING_OFF else "as configured",
             time.perf_counter() - started,
+            ", ".join(f"{step} {seconds:.2f} s" for step, seconds in self.pool.open_timings.items()),
             process_age_s(),
         )
 
@@ -111,3 +122,35 @@ class Graft:
 
     def __is_ready__(self) -> bool:
         return self.pool.ready
+
+    # ---- BentoML's own API, for bentoml.SyncHTTPClient / AsyncHTTPClient (service/bento_api.py) ----
+    @bentoml.api(route=f"{ROUTE_PREFIX}/classify", input_spec=ClassifyInput, output_spec=ClassifyResponse)
+    async def classify(self, image: bytes, top_k: int = 5, model: str | None = None) -> Response:
+        """Classify one image: the top-k labels with their probabilities (as POST /classify)."""
+        with bentoml_errors():
+            return await classify_image(self.pool, image, {"top_k": top_k, "model": model})
+
+    @bentoml.api(route=f"{ROUTE_PREFIX}/detect", input_spec=DetectInput, output_spec=DetectResponse)
+    async def detect(
+        self,
+        image: bytes,
+        score_threshold: float | None = None,
+        max_detections: int | None = None,
+        model: str | None = None,
+    ) -> Response:
+        """Find objects in one image: labels, scores and boxes in its pixels (as POST /detect)."""
+        opts = {"score_threshold": score_threshold, "max_detections": max_detections, "model": model}
+        with bentoml_errors():
+            return await detect_objects(self.pool, image, opts)
+
+    @bentoml.api(route=f"{ROUTE_PREFIX}/sentiment", input_spec=SentimentInput, output_spec=SentimentResponse)
+    async def sentiment(self, texts: list[str], model: str | None = None) -> Response:
+        """Sentiment of each text: the top label and every label's probability (as POST /sentiment)."""
+        with bentoml_errors():
+            return await score_texts(self.pool, texts, model)
+
+
+# Outermost first: every route, graft's and BentoML's, gets a request id and the error barrier,
+# then the body size limit.
+Graft.add_asgi_middleware(RequestId)
+Graft.add_asgi_middleware(BodySizeLimit)

@@ -16,6 +16,7 @@ boundaries with `bytes.find` is enough. Every malformed body is a 400 naming the
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -169,10 +170,27 @@ def _text(part: Part) -> str:
         raise InvalidInput(f"invalid request: {part.name}: not UTF-8 text") from None
 
 
+def _json_field(name: str, text: str) -> str | None:
+    """A form field as BentoML's client sends it (JSON: `5`, `0.4`, `"name"`, `null`), as the text the
+    option's converter reads; None for null (the default applies)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text  # a plain text field, as curl -F sends it
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise InvalidInput(f"invalid request: {name}: expected a number or a string, got {text[:40]!r}")
+    return value if isinstance(value, str) else repr(value)
+
+
 def read_image_upload(
-    body: bytes, content_type: str | None, query: Mapping[str, str], options: Options
+    body: bytes, content_type: str | None, query: Mapping[str, str], options: Options, *, json_fields: bool = False
 ) -> tuple[bytes, dict[str, Any]]:
-    """The image bytes and the parsed options of one upload (see the module docstring)."""
+    """The image bytes and the parsed options of one upload (see the module docstring).
+
+    `json_fields`: form fields hold JSON values, as BentoML's client sends them (service/bento_api.py).
+    """
     media, params = parse_header_value(content_type or "")
     raw: dict[str, str] = {k: query[k] for k in options if k in query}
     if media == "multipart/form-data":
@@ -182,7 +200,10 @@ def read_image_upload(
             raise InvalidInput("invalid request: image: the form has no `image` file field")
         for key in options:
             if key in parts:
-                raw[key] = _text(parts[key])
+                text = _text(parts[key])
+                value = _json_field(key, text) if json_fields else text
+                if value is not None:
+                    raw[key] = value
         data = image.data
     elif media.startswith(RAW_IMAGE_TYPES):
         data = body

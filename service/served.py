@@ -7,8 +7,8 @@ opened it, checked its inputs and ran its warm-up sample), build the batcher, an
 Every request reaches ONNX Runtime through the batcher, one item per input row: the task routes
 (an image, a text) and the KServe v2 route (each row of the declared tensors, or each BYTES
 element) alike, so every route shares one queue bound and one batch size limit. A task supplies
-how items become input tensors (`collate`), optionally what to compute per batch on the inference
-thread (`finish`), and how v2 rows become items (`rows_from_tensors`, `rows_from_bytes`).
+how items become input tensors (`collate`), optionally what to compute once per batch rather than
+per request (`finish`), and how v2 rows become items (`rows_from_tensors`, `rows_from_bytes`).
 
 A request with one small input (an image of a few hundred kB, a text) is prepared right on the
 event loop (`run_one`): a thread hand-off there and back costs more than decoding it. Whether the
@@ -115,7 +115,7 @@ class ServedModel(ABC):
         """The {name, version} every response carries."""
         return {"name": self.name, "version": self.version}
 
-    # ---- the one place a batch meets ONNX Runtime (on the inference thread) ---------------------
+    # ---- the one place a batch meets ONNX Runtime (on the event loop or the inference thread) ----
     @abstractmethod
     def collate(self, items: Sequence[Any]) -> dict[str, np.ndarray]:
         """Stack or pad prepared items into the model's input tensors, by input name."""

@@ -146,3 +146,61 @@ def test_drain_waits_for_queued_items_and_the_loop_exits_when_idle(executor) -> 
         return [t.result() for t in tasks] + [late]
 
     assert run(main()) == [1, 2, 3, 4, 5, 42]
+
+
+class FakeClock:
+    """Stands in for time.perf_counter in service.batching: a run "takes" what `fn` says it does."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_short_runs_move_to_the_event_loop_and_long_ones_stay_on_the_thread(executor, monkeypatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("service.batching.time.perf_counter", clock)
+    per_item = {"fast": 0.002, "slow": 0.030}  # seconds per item; loop_run_ms is 10
+    threads: dict[str, list[str]] = {"fast": [], "slow": []}
+    sizes: list[int] = []
+
+    def model(kind: str):
+        def fn(items):
+            threads[kind].append("loop" if threading.get_ident() == loop_thread else "executor")
+            if kind == "fast":
+                sizes.append(len(items))
+            clock.now += per_item[kind] * len(items)
+            return [x * 2 for x in items]
+
+        return fn
+
+    async def main():
+        fast = Batcher(model("fast"), executor=executor, max_batch_size=32, loop_run_ms=10)
+        slow = Batcher(model("slow"), executor=executor, max_batch_size=32, loop_run_ms=10)
+        for b in (fast, slow):
+            assert await b.submit(1) == 2  # unmeasured: the first run goes to the thread
+        # Measured at 2 ms an item, 5 items fit in 10 ms: twelve requests queued together run
+        # on the loop as 5 + 5 + 2.
+        results = await asyncio.gather(*(fast.submit(i) for i in range(12)))
+        assert results == [i * 2 for i in range(12)]
+        assert await slow.submit(3) == 6
+        return fast, slow
+
+    loop_thread = threading.get_ident()  # asyncio.run runs the loop on this thread
+    fast, slow = run(main())
+    assert threads["fast"] == ["executor", "loop", "loop", "loop"]
+    assert sizes == [1, 5, 5, 2]
+    assert threads["slow"] == ["executor", "executor"]
+    assert (fast.stats.on_loop, slow.stats.on_loop) == (3, 0)
+    assert fast.stats.items == 13 and slow.stats.items == 2
+
+
+def test_loop_run_ms_0_keeps_every_run_on_the_thread(executor) -> None:
+    async def main():
+        b = Batcher(lambda xs: xs, executor=executor, loop_run_ms=0)
+        for i in range(3):
+            await b.submit(i)
+        return b
+
+    assert run(main()).stats.on_loop == 0

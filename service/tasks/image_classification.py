@@ -36,9 +36,8 @@ class ImageClassifier(ServedModel):
         return {self.input_names[0]: np.stack(items) if len(items) > 1 else items[0][None]}
 
     def finish(self, outputs: dict[str, np.ndarray]) -> list[tuple[list[float], list[int]]]:
-        # Softmax and ranking for the whole batch here, on the inference thread: per request on
-        # the event loop they were small numpy calls that each drop and re-take the GIL, and
-        # every re-take waits behind whichever decode thread holds it.
+        # Softmax and ranking once for the whole batch: per request they were small numpy calls
+        # that each drop and re-take the GIL, and every re-take could wait behind another thread.
         probs = softmax(outputs[self.output_names[0]])
         return list(zip(probs.tolist(), rank(probs).tolist(), strict=True))
 

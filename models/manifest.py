@@ -145,8 +145,20 @@ class ExportInfo(_Strict):
     quantization: QuantizationReport | None = None
 
 
+class SplitMetrics(_Strict):
+    """The headline metrics on one more held-out split, for example a shifted one: data drawn from
+    a different distribution than training (new backgrounds, untinted objects, other text), never
+    used for any choice during training. `values` uses the same keys as `Metrics.values`."""
+
+    split: str
+    samples: int = 0
+    description: str = ""
+    values: dict[str, float] = Field(default_factory=dict)
+
+
 class Metrics(_Strict):
-    """Held-out metrics. `values` holds headline numbers (accuracy, macro_f1, map50...)."""
+    """Held-out metrics. `values` holds headline numbers (accuracy, macro_f1, map50...) on the
+    in-distribution test split; `shifted` the same numbers on a shifted split, when there is one."""
 
     split: str = "test"
     samples: int = 0
@@ -154,6 +166,7 @@ class Metrics(_Strict):
     per_class: dict[str, dict[str, float]] = Field(default_factory=dict)
     baselines: dict[str, dict[str, float]] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
+    shifted: SplitMetrics | None = None
 
 
 class WarmupSample(_Strict):
@@ -221,6 +234,9 @@ class Manifest(_Strict):
             "base_model": self.base_model.id,
             "strategy": self.training.strategy,
             "metrics": self.metrics.values,
+            "shifted_metrics": (
+                {"split": self.metrics.shifted.split, **self.metrics.shifted.values} if self.metrics.shifted else None
+            ),
             "parity": {
                 "max_abs_diff": self.export.parity.max_abs_diff,
                 "label_agreement": self.export.parity.label_agreement,

@@ -56,6 +56,7 @@ class ImageClassificationRecipe(Recipe):
     auto_train_size: int = 2000
     auto_val_size: int = 1000
     auto_epochs: int = 2
+    augment: str = "none"  # none | light | strong: see scripts/train/augment.py
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +104,7 @@ class DetectionRecipe(Recipe):
     parity_images: int
     demo_data: DemoScenes
     pretrained: bool = True  # False: the same detector from a random backbone (the no-transfer baseline)
+    augment: str = "none"  # none | light | strong: see scripts/train/augment.py
     baselines: bool = False  # no baseline is measured for detection
 
 

@@ -22,7 +22,17 @@ from models.versions import default_registry
 from scripts.train.capabilities import TABLE, refusal
 
 # Options that set a recipe field of the same name (--image-size -> image_size).
-RECIPE_OPTIONS = ("strategy", "trainable_blocks", "epochs", "batch_size", "lr", "image_size", "max_length", "adabn")
+RECIPE_OPTIONS = (
+    "strategy",
+    "trainable_blocks",
+    "epochs",
+    "batch_size",
+    "lr",
+    "image_size",
+    "max_length",
+    "adabn",
+    "augment",
+)
 
 
 class Refused(SystemExit):
@@ -63,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="learning rate of the backbone layers")
     p.add_argument("--image-size", type=int, help="model input size in pixels (images, detection)")
+    p.add_argument(
+        "--augment",
+        choices=["none", "light", "strong"],
+        help="images, detection: training-time augmentation (flips, crops, scale, colour, greyscale, blur, "
+        "JPEG); the level each recipe uses is recorded in the manifest (default: recipe's)",
+    )
     p.add_argument("--max-length", type=int, help="longest text in tokens; longer texts are truncated (sentiment)")
     p.add_argument("--name", help="artifact name in the registry (default: the task name)")
     p.add_argument(

@@ -69,6 +69,9 @@ CHECKS = {
     "--batch-size": lambda r, m: _config(m)["batch_size"] == int(r.options["--batch-size"]),
     "--lr": lambda r, m: _config(m)["lr"] == float(r.options["--lr"]),
     "--image-size": lambda r, m: m.preprocessing.width == int(r.options["--image-size"]),
+    "--augment": lambda r, m: (
+        _config(m)["augment"] == r.options["--augment"] and any("augmentation" in n for n in m.training.notes)
+    ),
     "--max-length": lambda r, m: m.preprocessing.max_length == int(r.options["--max-length"]),
     "--name": lambda r, m: m.name == r.options["--name"] == r.folder.parent.name,
     "--registry": lambda r, m: r.folder.parent.parent == Path(r.options["--registry"]),
@@ -109,6 +112,7 @@ REFUSED_VALUE = {
     "--backbone": "resnet18",
     "--image-size": "96",
     "--max-length": "64",
+    "--augment": "light",
     "--quantize": "int8",
     "--adabn": None,
     "--adapt-on": "notes.txt",
@@ -193,6 +197,7 @@ def _runs(task: str, tiny: TinyData, tmp: Path, init: Path) -> list[Run]:
             "--batch-size": "16",
             "--lr": "0.01",
             "--image-size": "64",
+            "--augment": "light",
             "--name": "matrix",
             "--init-from": str(init),  # a folder
             "--adabn": None,
@@ -219,6 +224,7 @@ def _runs(task: str, tiny: TinyData, tmp: Path, init: Path) -> list[Run]:
             "--batch-size": "8",
             "--lr": "0.001",
             "--image-size": "160",
+            "--augment": "light",
             "--name": "matrix",
             "--init-from": f"{init.parent.name}/{init.name}",  # NAME/VERSION
             "--checkpoint-dir": ckpt,

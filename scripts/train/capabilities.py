@@ -59,6 +59,11 @@ TABLE: dict[str, dict[str, Supported | Refused]] = {
         "object-detection": YES,
         "sentiment": Refused("texts have no image size", "use --max-length to set the token budget"),
     },
+    "--augment": {
+        "image-classification": YES,
+        "object-detection": YES,
+        "sentiment": Refused("there is no text augmentation", "omit --augment"),
+    },
     "--max-length": {
         "image-classification": _NO_TOKENS,
         "object-detection": _NO_TOKENS,

@@ -218,6 +218,7 @@ def _run(task: Task, started: float, cpu_started: float) -> Path:
         per_class=evaluation.per_class,
         baselines={**evaluation.baselines, **baselines},
         notes=metric_notes + baseline_notes,
+        shifted=evaluation.shifted,
     )
     export_info = ExportInfo(
         opset=export["opset"],

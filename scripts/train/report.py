@@ -110,6 +110,34 @@ def draw_predictions(
     return path
 
 
+def _metrics_table(m: Manifest) -> list[str]:
+    """The headline metrics; with a shifted split, its column beside the test split's."""
+    shifted = m.metrics.shifted
+    if shifted is None:
+        return [
+            f"## Metrics ({m.metrics.split} split, {m.metrics.samples:,} samples)",
+            "",
+            "| metric | value |",
+            "| --- | --- |",
+            *[f"| {k} | {v:.4f} |" for k, v in m.metrics.values.items()],
+        ]
+    lines = [
+        "## Metrics",
+        "",
+        f"`{m.metrics.split}`: {m.metrics.samples:,} held-out samples from the training distribution. "
+        f"`{shifted.split}`: {shifted.samples:,} samples from a shifted one, never used for any choice "
+        f"during training{': ' + shifted.description if shifted.description else ''}.",
+        "",
+        f"| metric | {m.metrics.split} | {shifted.split} |",
+        "| --- | --- | --- |",
+    ]
+    for k, v in m.metrics.values.items():
+        other = shifted.values.get(k)
+        lines.append(f"| {k} | {v:.4f} | {'' if other is None else f'{other:.4f}'} |")
+    lines += [f"| {k} |  | {v:.4f} |" for k, v in shifted.values.items() if k not in m.metrics.values]
+    return lines
+
+
 def write_model_card(folder: Path, manifest: Manifest, images: Sequence[str] = ()) -> Path:
     """A human-readable report next to the model: what it is, how it was made, how good it is."""
     m = manifest
@@ -125,11 +153,7 @@ def write_model_card(folder: Path, manifest: Manifest, images: Sequence[str] = (
         + ", ".join(f"{k} {v:,}" for k, v in m.training.dataset.splits.items())
         + ".",
         "",
-        f"## Metrics ({m.metrics.split} split, {m.metrics.samples:,} samples)",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
-        *[f"| {k} | {v:.4f} |" for k, v in m.metrics.values.items()],
+        *_metrics_table(m),
     ]
     if m.metrics.baselines:
         lines += ["", "### Baselines", "", "| baseline | metric | value |", "| --- | --- | --- |"]

@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from models.manifest import BaseModelInfo, Manifest, ParityReport, QuantizationReport, TensorSpec, WarmupSample
+from models.manifest import (
+    BaseModelInfo,
+    Manifest,
+    ParityReport,
+    QuantizationReport,
+    SplitMetrics,
+    TensorSpec,
+    WarmupSample,
+)
 from models.recipes import Recipe
 
 if TYPE_CHECKING:
@@ -130,6 +138,8 @@ class Evaluation:
     images: list[str] = field(default_factory=list)  # plots written into the staging folder
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
     parity_extra: dict[str, float] = field(default_factory=dict)  # added to the parity report
+    # The same metrics on the task's shifted split (a distribution training never saw), when it has one.
+    shifted: SplitMetrics | None = None
 
 
 @dataclass

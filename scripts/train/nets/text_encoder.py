@@ -1,5 +1,6 @@
 """The text side's networks: a pretrained BERT-family encoder with mean pooling and a linear head,
-which blocks of it train, its tokenizer, and masked-LM adaptation to unlabelled in-domain text.
+which blocks of it train and at what learning rate, its tokenizer, and masked-LM adaptation to
+unlabelled in-domain text.
 
 Mean pooling is what the packaged sentence-transformers checkpoint was trained with, so its
 pooled vector is a good feature from the first step on (BERT's [CLS] pooler is not part of that
@@ -27,7 +28,8 @@ from ..console import progress
 from ..data.text import TextSplit
 from ..data.tokens import EncodedSplit, length_batches
 from ..device import module_device
-from ..fit import frozen_prefix
+from ..fit import Trainer, frozen_prefix
+from ..metrics import classification_report
 
 if TYPE_CHECKING:
     from ..task import InitCheckpoint
@@ -266,3 +268,66 @@ def init_encoder(init: InitCheckpoint, key: str) -> nn.Module:
     )
     encoder.load_state_dict({k[len("encoder.") :]: v for k, v in init.state.items() if k.startswith("encoder.")})
     return encoder
+
+
+def layerwise_groups(model: SentimentModel, recipe: SentimentRecipe) -> list[dict[str, Any]]:
+    """Optimizer groups: the head at `head_lr` without weight decay; the top block at `lr` and each
+    block below it at `lr_decay` times the rate of the one above (the embeddings one step lower).
+
+    `lr_decay` 1.0 gives every trainable encoder weight the same `lr`. Frozen weights are left out.
+    """
+    r = recipe
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": head, "lr": r.head_lr, "weight_decay": 0.0}]
+    try:
+        layers = encoder_layers(model.encoder)
+    except ValueError:
+        layers = []
+    depth: dict[int, int] = {}  # parameter id -> blocks below the top (0: the top block)
+    for i, layer in enumerate(layers):
+        for p in layer.parameters():
+            depth[id(p)] = len(layers) - 1 - i
+    by_depth: dict[int, list[nn.Parameter]] = {}
+    for name, p in model.encoder.named_parameters():
+        if p.requires_grad:
+            # Embeddings sit below the bottom block; anything else (a pooler) trains with the top.
+            d = depth.get(id(p), len(layers) if "embeddings" in name else 0)
+            by_depth.setdefault(d, []).append(p)
+    for d in sorted(by_depth):
+        groups.append({"params": by_depth[d], "lr": r.lr * r.lr_decay**d, "weight_decay": r.weight_decay})
+    return groups
+
+
+def text_trainer(
+    model: SentimentModel, train: EncodedSplit, val: EncodedSplit, recipe: SentimentRecipe
+) -> Trainer[np.ndarray]:
+    """AdamW with linear warm-up and decay over length-bucketed batches, picked by validation macro-F1."""
+    r = recipe
+    opt = torch.optim.AdamW(layerwise_groups(model, r))
+    total = -(-len(train) // r.batch_size) * r.epochs
+    warmup = max(1, int(total * r.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
+    )
+    device = module_device(model)
+
+    def loss(idx: np.ndarray) -> tuple[torch.Tensor, int, dict[str, float]]:
+        ids, mask = (t.to(device, non_blocking=True) for t in train.batch(idx))
+        y = torch.from_numpy(train.labels[idx]).to(device)
+        return nn.functional.cross_entropy(model(ids, mask), y, label_smoothing=r.label_smoothing), len(idx), {}
+
+    def validate() -> dict[str, float]:
+        logits = predict(model, val, desc="validate")
+        rep = classification_report(val.labels, logits.argmax(1), [str(i) for i in range(logits.shape[1])])
+        return {"val_accuracy": rep.accuracy, "val_macro_f1": rep.macro_f1}
+
+    return Trainer(
+        model,
+        opt,
+        sched,
+        batches=lambda streams: length_batches(train.lengths, r.batch_size, streams.python, shuffle=True),
+        loss=loss,
+        validate=validate,
+        select="val_macro_f1",
+        clip=1.0,
+    )

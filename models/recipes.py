@@ -68,6 +68,7 @@ class SentimentRecipe(Recipe):
     lr_decay: float = 1.0
     label_smoothing: float = 0.0
     dropout: float = 0.1
+    pooling: str = "mean"  # mean | mean+max (the head reads the mean and the max over real tokens)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     irreparable: str = "strip"  # mojibake that cannot be repaired: strip the junk bytes, or drop the row

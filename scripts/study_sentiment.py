@@ -32,6 +32,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "llrd-2e-4": {"lr": 2e-4, "lr_decay": 0.8},
     "smooth0.1": {"label_smoothing": 0.1},
     "warmup0.1": {"warmup": 0.1},
+    "meanmax": {"pooling": "mean+max"},
 }
 
 
@@ -47,7 +48,7 @@ def run_arm(name: str, seed: int, data: Any, tok: Any, source: str, encoded: dic
     recipe = replace(SENTIMENT_DEFAULT, **ARMS[name])
     cpu, wall = time.process_time(), time.perf_counter()
     set_seed(seed)
-    model = SentimentModel(load_encoder(source), len(data.labels), dropout=recipe.dropout)
+    model = SentimentModel(load_encoder(source), len(data.labels), dropout=recipe.dropout, pooling=recipe.pooling)
     apply_strategy(model, recipe.strategy, recipe.trainable_blocks)
     trainer = text_trainer(model, encoded["train"], encoded["val"], recipe)
     result = fit(trainer, epochs=recipe.epochs, patience=recipe.patience, seed=seed, label=f"{name} seed {seed}")
@@ -86,7 +87,10 @@ def table(rows: list[dict[str, Any]]) -> str:
                 r["test-rerendered"]["accuracy"] - base[r["seed"]]["test-rerendered"]["accuracy"] for r in paired
             ) / len(paired)
             delta = f"{100 * d_test:+.2f} / {100 * d_shift:+.2f}"
-        changes = ", ".join(f"{k} {v:g}" for k, v in ARMS[arm].items()) or "(default recipe)"
+        changes = (
+            ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in ARMS[arm].items())
+            or "(default recipe)"
+        )
         seeds = ",".join(str(r["seed"]) for r in runs)
         cpu = sum(r["cpu_s"] for r in runs) / len(runs)
         out.append(

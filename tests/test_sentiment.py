@@ -215,6 +215,26 @@ def test_layerwise_learning_rates_decay_from_the_top_block() -> None:
     assert len(full) == 6 and {g["lr"] for g in full[1:]} == {1e-3}  # embeddings included, no decay
 
 
+def test_mean_max_pooling_ignores_padding() -> None:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from scripts.train.nets.text_encoder import SentimentModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    model = SentimentModel(BertModel(config, add_pooling_layer=False), 3, pooling="mean+max").eval()
+    assert model.head.in_features == 16
+    ids = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        batched = model(ids, mask)
+        alone = model(ids[:1, :3], mask[:1, :3])
+    assert torch.allclose(batched[:1], alone, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        SentimentModel(BertModel(config), 3, pooling="cls")
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [

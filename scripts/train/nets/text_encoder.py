@@ -80,20 +80,33 @@ def write_tokenizer(source: str, dest: Path, max_length: int) -> None:
     tok.save(str(dest))
 
 
-class SentimentModel(nn.Module):
-    """Encoder -> mean of the real tokens' last hidden states -> dropout -> linear logits."""
+POOLINGS = ("mean", "mean+max")
 
-    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float = 0.1) -> None:
+
+class SentimentModel(nn.Module):
+    """Encoder -> mean of the real tokens' last hidden states -> dropout -> linear logits.
+
+    `pooling="mean+max"` concatenates the element-wise max over the real tokens to the mean
+    (the head then reads twice the hidden size).
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float = 0.1, pooling: str = "mean") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
         self.encoder = encoder
+        self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        self.head = nn.Linear(encoder.config.hidden_size * (2 if pooling == "mean+max" else 1), num_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # token_type_ids are left out: single texts use type 0, which is the encoder's default.
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        if self.pooling == "mean+max":
+            peak = hidden.masked_fill(mask == 0, -1e4).max(1).values
+            pooled = torch.cat([pooled, peak], dim=-1)
         return self.head(self.dropout(pooled))
 
 
@@ -243,6 +256,8 @@ def reuse_head(model: SentimentModel, init: InitCheckpoint, labels: list[str]) -
     """Copy the --init-from head's rows for the labels both share; returns a note saying what was kept."""
     old = init.manifest.labels
     weight, bias = init.state["head.weight"], init.state["head.bias"]
+    if weight.shape[1] != model.head.in_features:
+        return f"init-from {init.ref}: its head reads another pooling; head re-initialised, the encoder reused"
     with torch.no_grad():
         for i, label in enumerate(labels):
             if label in old:

@@ -143,7 +143,7 @@ class Sentiment(Task[SentimentRecipe]):
         log(f"tokens per text: median {int(np.median(lengths))}, max {int(lengths.max())} (max_length {r.max_length})")
         self.adaptation: dict[str, Any] | None = None
         encoder = self._encoder()
-        self.model = SentimentModel(encoder, len(d.labels), dropout=r.dropout)
+        self.model = SentimentModel(encoder, len(d.labels), dropout=r.dropout, pooling=r.pooling)
         if init is not None:
             self.run.notes.append(reuse_head(self.model, init, d.labels))
             log(self.run.notes[-1])
@@ -154,7 +154,7 @@ class Sentiment(Task[SentimentRecipe]):
         base = self.backbone.info if init is None else init.manifest.base_model
         c = encoder.config
         architecture = (
-            f"{c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}; mean pooling + linear head"
+            f"{c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}; {r.pooling} pooling + linear head"
         )
         cpu = f", {self.run.threads} thread(s)" if device.type == "cpu" else ""
         return Network(

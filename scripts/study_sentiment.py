@@ -71,8 +71,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     base = {r["seed"]: r for r in by_arm.get("default", [])}
     out = [
         "| arm | changes | seeds | test acc | test macro-F1 | rerendered acc | rerendered macro-F1 "
-        "| vs default (test acc / rerendered acc, pts) | CPU s per run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| vs default (test acc / rerendered acc, pts) | test acc vs default per seed | CPU s per run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for arm, runs in by_arm.items():
 
@@ -80,8 +80,11 @@ def table(rows: list[dict[str, Any]]) -> str:
             return sum(r[split][key] for r in rs) / len(rs)
 
         paired = [r for r in runs if r["seed"] in base]
-        delta = "-"
+        delta = per_seed = "-"
         if arm != "default" and paired:
+            per_seed = " / ".join(
+                f"{100 * (r['test']['accuracy'] - base[r['seed']]['test']['accuracy']):+.2f}" for r in paired
+            )
             d_test = sum(r["test"]["accuracy"] - base[r["seed"]]["test"]["accuracy"] for r in paired) / len(paired)
             d_shift = sum(
                 r["test-rerendered"]["accuracy"] - base[r["seed"]]["test-rerendered"]["accuracy"] for r in paired
@@ -96,7 +99,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         out.append(
             f"| {arm} | {changes} | {seeds} | {mean('test', 'accuracy'):.4f} | {mean('test', 'macro_f1'):.4f} | "
             f"{mean('test-rerendered', 'accuracy'):.4f} | {mean('test-rerendered', 'macro_f1'):.4f} | {delta} | "
-            f"{cpu:.0f} |"
+            f"{per_seed} | {cpu:.0f} |"
         )
     return "\n".join(out)
 

@@ -24,6 +24,7 @@ from scripts.train.data.text import (
     read_unlabelled,
     stratified_split,
 )
+from scripts.train.data.text_shift import SPLIT_NAME, rerender, shifted_split
 from service.config import Settings
 from service.tasks.sentiment import parse_sentiment_body
 
@@ -170,6 +171,70 @@ def test_packaged_corpus_is_cleaned_and_split_deterministically() -> None:
     assert abs(np.mean(np.asarray(full.test.labels) == 2) - np.mean(np.asarray(full.train.labels) == 2)) < 0.005
 
 
+def test_shifted_split_is_deterministic_differs_and_keeps_labels() -> None:
+    test = load_text_dataset(None, seed=0, test_limit=1000).test
+    a, b = shifted_split(test, seed=0), shifted_split(test, seed=0)
+    assert a.texts == b.texts and a.labels == test.labels  # deterministic, labels kept
+    assert all(x.lower() != y.lower() for x, y in zip(a.texts, test.texts, strict=True))  # differs for a lowercaser
+    other = shifted_split(test, seed=1)
+    assert sum(x != y for x, y in zip(a.texts, other.texts, strict=True)) > 900  # the seed matters
+    joined = " ".join(a.texts)
+    assert "http" not in joined and "#" not in joined and not any(t.lower().startswith("rt @") for t in a.texts)
+    assert sum(t.upper() == t for t in a.texts) > 100 and sum(t.lower() == t for t in a.texts) > 100
+    # the same text gets the same rendering whichever split it is in: a quick split's is a subset
+    full = shifted_split(load_text_dataset(None, seed=0).test, seed=0)
+    assert set(a.texts) <= set(full.texts)
+    # short texts still change; every text keeps most of its letters (no word swapped for another)
+    for text in ["ok", "@united", "a b", "wow!!"]:
+        out = rerender(text, __import__("random").Random(text))
+        assert out and out.lower() != text.lower(), (text, out)
+    sizes = [len(y) / max(1, len(x)) for x, y in zip(test.texts, a.texts, strict=True)]
+    assert float(np.median(sizes)) > 0.8
+
+
+def test_layerwise_learning_rates_decay_from_the_top_block() -> None:
+    from dataclasses import replace
+
+    from transformers import BertConfig, BertModel
+
+    from models.recipes import SENTIMENT_DEFAULT
+    from scripts.train.nets.text_encoder import SentimentModel, apply_strategy, layerwise_groups
+
+    config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=4, num_attention_heads=2, intermediate_size=16)
+    model = SentimentModel(BertModel(config, add_pooling_layer=False), 3)
+    apply_strategy(model, "partial", 3)  # embeddings and block 0 frozen
+    recipe = replace(SENTIMENT_DEFAULT, lr=1e-3, head_lr=1e-2, lr_decay=0.5)
+    groups = layerwise_groups(model, recipe)
+    assert groups[0]["lr"] == 1e-2 and groups[0]["weight_decay"] == 0.0
+    assert [g["lr"] for g in groups[1:]] == [1e-3, 5e-4, 2.5e-4]  # blocks 3, 2, 1
+    layer = model.encoder.encoder.layer
+    assert {id(p) for p in groups[3]["params"]} == {id(p) for p in layer[1].parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable
+    full = layerwise_groups(model.requires_grad_(True), replace(recipe, lr_decay=1.0))
+    assert len(full) == 6 and {g["lr"] for g in full[1:]} == {1e-3}  # embeddings included, no decay
+
+
+def test_mean_max_pooling_ignores_padding() -> None:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from scripts.train.nets.text_encoder import SentimentModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    model = SentimentModel(BertModel(config, add_pooling_layer=False), 3, pooling="mean+max").eval()
+    assert model.head.in_features == 16
+    ids = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        batched = model(ids, mask)
+        alone = model(ids[:1, :3], mask[:1, :3])
+    assert torch.allclose(batched[:1], alone, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        SentimentModel(BertModel(config), 3, pooling="cls")
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
@@ -249,6 +314,10 @@ def test_quick_recipe_artifact_is_complete_and_accurate(sentiment_artifact: Path
         assert f in m.files, f
     notes = " ".join(m.training.notes)
     assert "mojibake repaired" in notes and "duplicate rows removed" in notes
+    shifted = m.metrics.shifted  # the re-rendered test texts, scored by the exported model
+    assert shifted is not None and shifted.split == SPLIT_NAME and shifted.samples == 1000
+    assert set(shifted.values) == {"accuracy", "macro_f1"} and 0.5 <= shifted.values["accuracy"] <= 1.0
+    assert shifted.values["accuracy"] <= m.metrics.values["accuracy"] + 0.02, shifted.values
 
 
 @pytest_slow
@@ -445,6 +514,9 @@ def test_int8_artifact_from_finetune_to_http(tmp_path: Path) -> None:
         folder / q.fp32_file
     ).stat().st_size
     assert abs(q.accuracy_delta) <= 0.07  # 30 test texts: one text is 3.3 points
+    shifted = art.manifest.metrics.shifted  # the served int8 model's numbers on it too
+    assert shifted is not None and "reviews.csv" in shifted.description
+    assert {"accuracy", "macro_f1", "int8_accuracy", "int8_macro_f1"} <= set(shifted.values)
 
     with BentoServer(registry) as srv:
         together = httpx.post(srv.url + "/sentiment", json={"texts": TWEETS, "model": "reviews"}, timeout=60)

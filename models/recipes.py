@@ -90,9 +90,10 @@ class DemoScenes:
     val: int
     test: int
     seed: int = 0
+    untinted: float = 0.5  # share of train/val items pasted grey instead of tinted
 
-    def as_config(self) -> dict[str, int]:
-        return {"train": self.train, "val": self.val, "test": self.test, "seed": self.seed}
+    def as_config(self) -> dict[str, float]:
+        return {"train": self.train, "val": self.val, "test": self.test, "seed": self.seed, "untinted": self.untinted}
 
 
 @dataclass(frozen=True, kw_only=True)

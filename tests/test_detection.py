@@ -59,7 +59,7 @@ def test_generator_is_deterministic_and_sane(tmp_path: Path) -> None:
     spec = DemoSpec(train=6, val=2, test=3, seed=5)
     a = _tree(generate(tmp_path / "a", spec, show_progress=False))
     b = _tree(generate(tmp_path / "b", spec, show_progress=False))
-    assert a.keys() == b.keys() and len(a) == 3 + 6 + 2 + 3
+    assert a.keys() == b.keys() and len(a) == 4 + 6 + 2 + 3 + 3  # 4 jsons; shifted: as many as test
     assert all(a[k] == b[k] for k in a), "same seed, different bytes"
     # A smaller split is a prefix of a larger one; another seed gives other scenes.
     c = _tree(generate(tmp_path / "c", DemoSpec(train=3, val=0, test=0, seed=5), show_progress=False))

@@ -204,6 +204,14 @@ def test_quick_recipe_artifact_is_complete_and_accurate(detection_artifact: Path
     assert 0 < m.metrics.values["map"] <= m.metrics.values["map50"]
     assert set(m.metrics.per_class) == set(m.labels)
     assert m.metrics.samples == recipe("object-detection", "quick").demo_data.test
+    # Precision and recall at the served threshold, on the test split and on the shifted split.
+    v = m.metrics.values
+    assert 0 < v["precision_at_threshold"] <= 1 and 0 < v["recall_at_threshold"] <= 1
+    shifted = m.metrics.shifted
+    assert shifted is not None and shifted.split == "shifted" and shifted.samples == m.metrics.samples
+    assert {"map50", "map", "precision_at_threshold", "recall_at_threshold"} <= set(shifted.values)
+    assert shifted.values["map50"] >= 0.5, shifted.values
+    assert any("augmentation" in n for n in m.training.notes), m.training.notes
     p = m.export.parity
     assert p.passed and p.label_agreement >= 0.99 and p.extra["max_box_diff_px"] <= 1.0
     assert p.extra["detections_compared"] > 0, "parity compared no detections"

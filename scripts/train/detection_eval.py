@@ -103,8 +103,13 @@ def split_report(
     recall at the served `threshold` added."""
     report = coco_evaluate(split, labels, as_predictions(dets))
     precision, recall = precision_recall(dets, split, threshold)
-    values = {**report.values(), "precision": round(precision, 5), "recall": round(recall, 5)}
+    values = {**report.values(), "precision_at_threshold": round(precision, 5), "recall_at_threshold": round(recall, 5)}
     return report, values
+
+
+def at_threshold(values: dict[str, float]) -> str:
+    """'precision P, recall R' from a split's values."""
+    return f"precision {values['precision_at_threshold']:.3f}, recall {values['recall_at_threshold']:.3f}"
 
 
 def shifted_metrics(

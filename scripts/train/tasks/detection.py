@@ -66,6 +66,7 @@ from ..data.coco import DetectionDataset, DetectionSplit, load_coco, load_detect
 from ..detection_eval import (
     above,
     as_predictions,
+    at_threshold,
     onnx_predict,
     parity_check,
     pick_warmup,
@@ -295,7 +296,7 @@ class ObjectDetection(Task[DetectionRecipe]):
         dets = onnx_predict(session, d.test, self.pre, self.post(EVAL_SCORE_THRESHOLD), "onnx test")
         report, values = split_report(dets, d.test, d.labels, thr)
         plot = draw_predictions(d.test, above(dets, thr), d.labels, self.run.staging.path("predictions.png"))
-        at = f"precision {values['precision']:.3f}, recall {values['recall']:.3f} at the served threshold {thr:.2f}"
+        at = f"{at_threshold(values)} at the served threshold {thr:.2f}"
         notes = [
             "COCO bbox evaluation (faster-coco-eval) of the exported ONNX model through the serving "
             f"postprocessing, score threshold {EVAL_SCORE_THRESHOLD}, {report.objects} objects",
@@ -310,13 +311,10 @@ class ObjectDetection(Task[DetectionRecipe]):
                 "backgrounds and synthetic textures no training or validation scene uses",
             )  # fmt: skip
             v = shifted.values
-            summary += (
-                f"; shifted mAP@0.5 {v['map50']:.4f}, mAP {v['map']:.4f}, precision {v['precision']:.3f}, "
-                f"recall {v['recall']:.3f}"
-            )
+            summary += f"; shifted mAP@0.5 {v['map50']:.4f}, mAP {v['map']:.4f}, {at_threshold(v)}"
             notes.append(
-                f"shifted split ({shifted.samples} images, {self.shifted.objects} objects): mAP@0.5 {v['map50']:.4f}, "
-                f"precision {v['precision']:.3f} and recall {v['recall']:.3f} at the served threshold"
+                f"shifted split ({shifted.samples} images, {self.shifted.objects} objects): mAP@0.5 "
+                f"{v['map50']:.4f}; {at_threshold(v)} at the served threshold"
             )
         return Evaluation(
             values={

@@ -1,5 +1,8 @@
 """Write the object-detection demo dataset (Fashion-MNIST items on real photos, COCO json) to a folder.
 
+The shifted split (shifted.json) is for evaluation only: untinted items, wider scales, backgrounds
+no other split uses.
+
     python -m scripts.make_detection_data --out data/detection-demo
     python -m scripts.make_detection_data --out /tmp/tiny --train 20 --val 5 --test 5
 
@@ -23,12 +26,17 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--train", type=int, default=DemoSpec.train, help="train scenes")
     p.add_argument("--val", type=int, default=DemoSpec.val, help="validation scenes")
     p.add_argument("--test", type=int, default=DemoSpec.test, help="test scenes")
+    p.add_argument("--shifted", type=int, default=None, help="shifted scenes, for evaluation only (default: --test)")
+    p.add_argument("--untinted", type=float, default=DemoSpec.untinted, help="share of train/val items left grey")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for k in SPLITS:
-        if getattr(args, k) < 0:
+        if (getattr(args, k) or 0) < 0:
             p.error(f"--{k} must be 0 or more")
-    out = generate(Path(args.out), DemoSpec(args.train, args.val, args.test, args.seed))
+    if not 0 <= args.untinted <= 1:
+        p.error("--untinted must be between 0 and 1")
+    spec = DemoSpec(args.train, args.val, args.test, args.seed, shifted=args.shifted, untinted=args.untinted)
+    out = generate(Path(args.out), spec)
     print(out, flush=True)
     return out
 

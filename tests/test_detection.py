@@ -59,7 +59,7 @@ def test_generator_is_deterministic_and_sane(tmp_path: Path) -> None:
     spec = DemoSpec(train=6, val=2, test=3, seed=5)
     a = _tree(generate(tmp_path / "a", spec, show_progress=False))
     b = _tree(generate(tmp_path / "b", spec, show_progress=False))
-    assert a.keys() == b.keys() and len(a) == 3 + 6 + 2 + 3
+    assert a.keys() == b.keys() and len(a) == 4 + 6 + 2 + 3 + 3  # 4 jsons; shifted: as many as test
     assert all(a[k] == b[k] for k in a), "same seed, different bytes"
     # A smaller split is a prefix of a larger one; another seed gives other scenes.
     c = _tree(generate(tmp_path / "c", DemoSpec(train=3, val=0, test=0, seed=5), show_progress=False))
@@ -204,6 +204,14 @@ def test_quick_recipe_artifact_is_complete_and_accurate(detection_artifact: Path
     assert 0 < m.metrics.values["map"] <= m.metrics.values["map50"]
     assert set(m.metrics.per_class) == set(m.labels)
     assert m.metrics.samples == recipe("object-detection", "quick").demo_data.test
+    # Precision and recall at the served threshold, on the test split and on the shifted split.
+    v = m.metrics.values
+    assert 0 < v["precision_at_threshold"] <= 1 and 0 < v["recall_at_threshold"] <= 1
+    shifted = m.metrics.shifted
+    assert shifted is not None and shifted.split == "shifted" and shifted.samples == m.metrics.samples
+    assert {"map50", "map", "precision_at_threshold", "recall_at_threshold"} <= set(shifted.values)
+    assert shifted.values["map50"] >= 0.5, shifted.values
+    assert any("augmentation" in n for n in m.training.notes), m.training.notes
     p = m.export.parity
     assert p.passed and p.label_agreement >= 0.99 and p.extra["max_box_diff_px"] <= 1.0
     assert p.extra["detections_compared"] > 0, "parity compared no detections"

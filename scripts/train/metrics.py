@@ -140,28 +140,40 @@ def coco_evaluate(
     )
 
 
-def pick_score_threshold(dets: list[Detections], split: DetectionSplit) -> tuple[float, float]:
-    """The served default threshold: the one with the best F1 (IoU 0.5, same class) on validation."""
+def detection_counts(dets: list[Detections], split: DetectionSplit, threshold: float) -> tuple[int, int, int]:
+    """(true positives, false positives, missed objects) of the detections scoring at least
+    `threshold`: a detection is right when it has an unmatched object's class at IoU >= 0.5."""
     from models.detection import box_iou
 
+    tp = fp = 0
+    for d, im in zip(dets, split.images, strict=True):
+        matched = np.zeros(len(im.labels), dtype=bool)
+        for b, s, c in zip(d.boxes, d.scores, d.classes, strict=True):
+            if s < threshold:
+                continue
+            cand = np.flatnonzero((im.labels == c) & ~matched)
+            if len(cand):
+                ious = box_iou(b, im.boxes[cand])
+                j = int(ious.argmax())
+                if ious[j] >= 0.5:
+                    matched[cand[j]] = True
+                    tp += 1
+                    continue
+            fp += 1
+    return tp, fp, split.objects - tp
+
+
+def precision_recall(dets: list[Detections], split: DetectionSplit, threshold: float) -> tuple[float, float]:
+    """Precision and recall (IoU 0.5, same class) of the detections scoring at least `threshold`."""
+    tp, fp, fn = detection_counts(dets, split, threshold)
+    return tp / max(1, tp + fp), tp / max(1, tp + fn)
+
+
+def pick_score_threshold(dets: list[Detections], split: DetectionSplit) -> tuple[float, float]:
+    """The served default threshold: the one with the best F1 (IoU 0.5, same class) on validation."""
     best = (0.3, -1.0)
     for thr in np.round(np.arange(0.1, 0.81, 0.05), 2):
-        tp = fp = 0
-        for d, im in zip(dets, split.images, strict=True):
-            matched = np.zeros(len(im.labels), dtype=bool)
-            for b, s, c in zip(d.boxes, d.scores, d.classes, strict=True):
-                if s < thr:
-                    continue
-                cand = np.flatnonzero((im.labels == c) & ~matched)
-                if len(cand):
-                    ious = box_iou(b, im.boxes[cand])
-                    j = int(ious.argmax())
-                    if ious[j] >= 0.5:
-                        matched[cand[j]] = True
-                        tp += 1
-                        continue
-                fp += 1
-        fn = split.objects - tp
+        tp, fp, fn = detection_counts(dets, split, float(thr))
         f1 = 2 * tp / max(1, 2 * tp + fp + fn)
         if f1 > best[1]:
             best = (float(thr), f1)

@@ -16,17 +16,28 @@ Trouser, Sandal, Bag, Ankle boot. The other five are near-duplicates of these at
 (Pullover, Coat and Shirt look like T-shirt/top; Sneaker like Ankle boot; Dress like Coat), and
 with them per-class AP would measure Fashion-MNIST's own label ambiguity rather than detection.
 
+Train and val scenes paste a share of the items untinted (`DemoSpec.untinted`, 0.5 by default):
+grey, as Fashion-MNIST really is, so the detector cannot lean on saturated colour; their items
+span 10% to 50% of the shorter side. The test split keeps the first generator's scenes
+(every item tinted, 14% to 42%), so test figures compare across generator versions.
+
+The shifted split measures what training never saw: every item untinted, at 10% to 55% of the
+shorter side, on backgrounds no training or validation scene uses: the two test-only photos, five
+more photos kept for it alone (skimage's page, text, colorwheel, logo, horse), and synthetic
+textures (smooth colour noise, stripes, checks) in 40% of its scenes. Nothing in training, model
+selection or the threshold choice reads it.
+
 Splits never share items: train scenes use Fashion-MNIST train images 0-49,999, val scenes
-50,000-59,999, test scenes the official t10k images. Two photos (sklearn's china.jpg and
-skimage's coffee) appear only in test scenes, so the test split also measures unseen backgrounds.
+50,000-59,999, test and shifted scenes the official t10k images. Two photos (sklearn's china.jpg
+and skimage's coffee) appear only in test and shifted scenes.
 
 Deterministic: scene i of a split is drawn from its own generator seeded by (seed, split, i),
 so the same command writes byte-identical files, and a smaller split is a prefix of a larger one.
 
 Layout written under --out:
 
-    train.json  val.json  test.json        COCO: images, annotations (bbox x,y,w,h), categories
-    images/{train,val,test}/000000.jpg     file_name in the json is relative to the json's folder
+    train.json  val.json  test.json  shifted.json   COCO: images, annotations (bbox x,y,w,h), categories
+    images/{train,val,test,shifted}/000000.jpg     file_name in the json is relative to the json's folder
 """
 
 from __future__ import annotations
@@ -47,15 +58,29 @@ from . import fashion_mnist
 
 CLASSES = ("T-shirt/top", "Trouser", "Sandal", "Bag", "Ankle boot")
 _FASHION_INDEX = {"T-shirt/top": 0, "Trouser": 1, "Sandal": 5, "Bag": 8, "Ankle boot": 9}
-SPLITS = ("train", "val", "test")
-_SPLIT_ID = {"train": 0, "val": 1, "test": 2}
+SPLITS = ("train", "val", "test", "shifted")
+_SPLIT_ID = {"train": 0, "val": 1, "test": 2, "shifted": 3}
 TEST_ONLY_BACKGROUNDS = ("china", "coffee")
-GENERATOR_VERSION = 1  # bump when scenes change, so cached copies are rebuilt
+SHIFTED_ONLY_BACKGROUNDS = ("page", "text", "colorwheel", "logo", "horse")
+GENERATOR_VERSION = 2  # bump when scenes change, so cached copies are rebuilt
 
 MIN_SIDE, MAX_SIDE = 180, 480
-ITEM_FRACTION = (0.14, 0.42)  # item canvas side as a fraction of the image's shorter side
 MAX_ITEMS = 6
 MAX_OVERLAP = 0.2  # intersection / area of the smaller box, between any two items
+
+
+@dataclass(frozen=True)
+class SceneStyle:
+    """How one split's scenes look."""
+
+    item_fraction: tuple[float, float]  # item canvas side as a fraction of the image's shorter side
+    untinted: float = 0.0  # share of items pasted grey instead of tinted
+    textures: float = 0.0  # share of scenes on a synthetic texture instead of a photo
+
+
+TEST_STYLE = SceneStyle((0.14, 0.42))  # the first generator's scenes, kept for the test split
+SHIFTED_STYLE = SceneStyle((0.10, 0.55), untinted=1.0, textures=0.4)
+TRAIN_FRACTION = (0.10, 0.50)
 
 
 @dataclass(frozen=True)
@@ -66,12 +91,24 @@ class DemoSpec:
     val: int = 300
     test: int = 300
     seed: int = 0
+    shifted: int | None = None  # None: as many as test
+    untinted: float = 0.5  # train and val: share of items pasted grey
 
     def counts(self) -> dict[str, int]:
-        return {"train": self.train, "val": self.val, "test": self.test}
+        shifted = self.test if self.shifted is None else self.shifted
+        return {"train": self.train, "val": self.val, "test": self.test, "shifted": shifted}
+
+    def style(self, split: str) -> SceneStyle:
+        if split == "test":
+            return TEST_STYLE
+        if split == "shifted":
+            return SHIFTED_STYLE
+        return SceneStyle(TRAIN_FRACTION, untinted=self.untinted)
 
     def key(self) -> str:
-        raw = json.dumps({"v": GENERATOR_VERSION, **self.counts(), "seed": self.seed}, sort_keys=True)
+        raw = json.dumps(
+            {"v": GENERATOR_VERSION, **self.counts(), "seed": self.seed, "untinted": self.untinted}, sort_keys=True
+        )
         return hashlib.sha256(raw.encode()).hexdigest()[:10]
 
 
@@ -86,9 +123,13 @@ def load_backgrounds() -> dict[str, np.ndarray]:
         photos[name] = getattr(sd, name)()
     left, _right, _ = sd.stereo_motorcycle()
     photos["motorcycle"] = left
-    for name in ("camera", "brick", "grass", "gravel", "moon", "coins", "clock", "cell"):
+    for name in ("camera", "brick", "grass", "gravel", "moon", "coins", "clock", "cell", "page", "text", "horse"):
         grey = getattr(sd, name)()
+        grey = grey.astype(np.uint8) * 255 if grey.dtype == bool else grey  # horse is boolean
         photos[name] = np.repeat(grey[..., None], 3, axis=2)
+    photos["colorwheel"] = sd.colorwheel()
+    logo = sd.logo().astype(np.float32)  # RGBA: its transparent parts become white
+    photos["logo"] = logo[..., :3] * (logo[..., 3:] / 255) + 255 * (1 - logo[..., 3:] / 255)
     samples = load_sample_images()
     for path, img in zip(samples.filenames, samples.images, strict=True):
         photos[Path(path).stem] = img
@@ -125,13 +166,46 @@ def _background(rng: np.random.Generator, photo: np.ndarray, width: int, height:
     return out * rng.uniform(0.75, 1.15)
 
 
-def _item_layer(item: np.ndarray, side: int, tint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """An item resized to side x side: RGB colour (tinted, textured) and an alpha mask in [0, 1]."""
+def photo_pool(split: str) -> list[np.ndarray]:
+    """The photos one split's scenes are drawn on."""
+    photos = load_backgrounds()
+    if split == "shifted":
+        names = TEST_ONLY_BACKGROUNDS + SHIFTED_ONLY_BACKGROUNDS
+    elif split == "test":
+        names = tuple(k for k in photos if k not in SHIFTED_ONLY_BACKGROUNDS)
+    else:
+        names = tuple(k for k in photos if k not in TEST_ONLY_BACKGROUNDS + SHIFTED_ONLY_BACKGROUNDS)
+    return [photos[k] for k in names]
+
+
+def texture(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A synthetic background (float32 HxWx3): smooth colour noise, stripes or checks."""
+    kind = int(rng.integers(3))
+    if kind == 0:
+        coarse = rng.uniform(0, 255, (int(rng.integers(3, 9)), int(rng.integers(3, 9)), 3)).astype(np.uint8)
+        return np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.float32)
+    a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle, period = rng.uniform(0, np.pi), rng.uniform(8, 40)
+    u = xs * np.cos(angle) + ys * np.sin(angle)
+    if kind == 1:
+        w = 0.5 + 0.5 * np.sin(2 * np.pi * u / period)
+    else:
+        v = -xs * np.sin(angle) + ys * np.cos(angle)
+        w = ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
+    return (w[..., None] * a + (1 - w[..., None]) * b).astype(np.float32)
+
+
+def _item_layer(item: np.ndarray, side: int, tint: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """An item resized to side x side: RGB colour (tinted and textured; grey when `tint` is
+    None) and an alpha mask in [0, 1]."""
     img = Image.fromarray(item)
     grey = np.asarray(img.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
     # Fashion-MNIST backgrounds are 0 with faint noise; anything above ~4% is the item.
     mask = (item > 10).astype(np.uint8) * 255
     alpha = np.asarray(Image.fromarray(mask).resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+    if tint is None:  # as Fashion-MNIST draws it: the intensity itself
+        return np.repeat(grey[..., None] * 255.0, 3, axis=2), alpha
     colour = tint[None, None, :] * (0.35 + 0.65 * grey[..., None])
     return colour, alpha
 
@@ -146,9 +220,10 @@ def item_box(item: np.ndarray, side: int, x0: int, y0: int) -> tuple[float, floa
 
 
 def paste_item(
-    canvas: np.ndarray, item: np.ndarray, x0: int, y0: int, side: int, tint: np.ndarray, opacity: float = 1.0
+    canvas: np.ndarray, item: np.ndarray, x0: int, y0: int, side: int, tint: np.ndarray | None, opacity: float = 1.0
 ) -> None:
-    """Paste a tinted item into a float32 HxWx3 canvas in place, through its own intensity mask."""
+    """Paste an item (tinted, or grey when `tint` is None) into a float32 HxWx3 canvas in place,
+    through its own intensity mask."""
     colour, alpha = _item_layer(item, side, tint)
     region = canvas[y0 : y0 + side, x0 : x0 + side]
     a = alpha[..., None] * opacity
@@ -169,20 +244,26 @@ def make_scene(
     photos: list[np.ndarray],
     items: np.ndarray,
     item_classes: np.ndarray,
+    style: SceneStyle = TEST_STYLE,
 ) -> tuple[np.ndarray, list[tuple[int, tuple[float, float, float, float]]]]:
     """One scene: uint8 HxWx3 image and [(class index, (x1, y1, x2, y2))] boxes."""
     width = int(rng.integers(240, 481))
     aspect = float(np.exp(rng.uniform(np.log(0.6), np.log(1.8))))
     height = int(np.clip(round(width / aspect), MIN_SIDE, MAX_SIDE))
-    canvas = _background(rng, photos[int(rng.integers(len(photos)))], width, height)
+    if style.textures and rng.random() < style.textures:
+        canvas = texture(rng, width, height)
+    else:
+        canvas = _background(rng, photos[int(rng.integers(len(photos)))], width, height)
     boxes: list[tuple[int, tuple[float, float, float, float]]] = []
     for _ in range(int(rng.integers(1, MAX_ITEMS + 1))):
         cls = int(rng.integers(len(CLASSES)))
         pool = np.flatnonzero(item_classes == cls)
         item = items[pool[int(rng.integers(len(pool)))]]
-        side = round(rng.uniform(*ITEM_FRACTION) * min(width, height))
+        side = round(rng.uniform(*style.item_fraction) * min(width, height))
         hue, sat, val = rng.random(), rng.uniform(0.25, 1.0), rng.uniform(0.55, 1.0)
-        tint = np.asarray(colorsys.hsv_to_rgb(hue, sat, val), dtype=np.float32) * 255.0
+        tint: np.ndarray | None = np.asarray(colorsys.hsv_to_rgb(hue, sat, val), dtype=np.float32) * 255.0
+        if style.untinted and rng.random() < style.untinted:
+            tint = None
         rel = item_box(item, side, 0, 0)
         if rel is None:
             continue
@@ -203,12 +284,10 @@ def make_scene(
 def generate(out: Path, spec: DemoSpec, *, show_progress: bool = True) -> Path:
     """Write the three splits under `out` (see the module docstring); returns `out`."""
     out = Path(out)
-    photos = load_backgrounds()
-    train_photos = [v for k, v in photos.items() if k not in TEST_ONLY_BACKGROUNDS]
-    all_photos = list(photos.values())
     categories = [{"id": i + 1, "name": n, "supercategory": "fashion"} for i, n in enumerate(CLASSES)]
     for split, count in spec.counts().items():
-        items, item_classes = load_items(split)
+        items, item_classes = load_items("test" if split == "shifted" else split)
+        pool, style = photo_pool(split), spec.style(split)
         folder = out / "images" / split
         folder.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
@@ -217,8 +296,7 @@ def generate(out: Path, spec: DemoSpec, *, show_progress: bool = True) -> Path:
             indices = progress(indices, f"scenes {split}", total=count, unit="img")
         for i in indices:
             rng = np.random.default_rng([spec.seed, _SPLIT_ID[split], i])
-            pool = all_photos if split == "test" else train_photos
-            pixels, boxes = make_scene(rng, pool, items, item_classes)
+            pixels, boxes = make_scene(rng, pool, items, item_classes, style)
             file_name = f"images/{split}/{i:06d}.jpg"
             Image.fromarray(pixels).save(out / file_name, format="JPEG", quality=92)
             images.append({"id": i + 1, "file_name": file_name, "width": pixels.shape[1], "height": pixels.shape[0]})

@@ -37,6 +37,8 @@ from models.detection import Detections, postprocess
 from models.manifest import BaseModelInfo
 from models.preprocess import DecodeLimits, Geometry, ImagePreprocessor, decode_image
 
+from ..augment import Policy
+from ..augment_boxes import detection_view
 from ..console import progress
 from ..device import module_device
 from .backbones import load_image_backbone
@@ -316,12 +318,23 @@ def to_input_boxes(boxes: np.ndarray, g: Geometry) -> np.ndarray:
 
 @dataclass
 class Prepared:
-    """One split run through the serving preprocessing and the frozen trunk."""
+    """One split run through the serving preprocessing and the frozen trunk. With `views` > 1 item
+    i * views + v is view v of image i (view 0 the image itself, the others augmented)."""
 
     cache: dict[int, torch.Tensor]  # block index -> float16 activations (cut-1: trunk output)
     geometries: list[Geometry]
     cls_t: torch.Tensor | None = None  # (N, L) int64 class per location or -1
     box_t: torch.Tensor | None = None  # (N, L, 4) float32 target boxes, model-input pixels
+    views: int = 1
+
+
+def _views(im: Any, limits: DecodeLimits, views: int, policy: Policy | None, seed: int, index: int):
+    """(image, boxes, labels) for each view of one training image."""
+    img = decode_image(im.path.read_bytes(), limits)
+    yield img, im.boxes, im.labels
+    for v in range(1, views):
+        assert policy is not None
+        yield detection_view(img, im.boxes, im.labels, policy, np.random.default_rng([seed, index, v]))
 
 
 def prepare(
@@ -333,8 +346,12 @@ def prepare(
     desc: str,
     *,
     targets: bool,
+    views: int = 1,
+    policy: Policy | None = None,
+    seed: int = 0,
 ) -> Prepared:
-    """Preprocess every image, run the frozen blocks once, keep what the trainable part needs."""
+    """Preprocess every image (and `views` - 1 augmented views of it, drawn from `policy` and
+    `seed`), run the frozen blocks once, keep what the trainable part needs."""
     limits = DecodeLimits()
     chunks: dict[int, list[torch.Tensor]] = {}
     geometries: list[Geometry] = []
@@ -343,20 +360,21 @@ def prepare(
     batch = 32
     for start in progress(range(0, len(split), batch), desc, total=math.ceil(len(split) / batch), unit="batch"):
         tensors = []
-        for im in split.images[start : start + batch]:
-            t, g = pre(decode_image(im.path.read_bytes(), limits))
-            tensors.append(t)
-            geometries.append(g)
-            if targets:
-                c, b = assign_targets(to_input_boxes(im.boxes, g), im.labels, centres)
-                cls_ts.append(c)
-                box_ts.append(b)
+        for i, im in enumerate(split.images[start : start + batch], start):
+            for img, boxes, labels in _views(im, limits, views, policy, seed, i):
+                t, g = pre(img)
+                tensors.append(t)
+                geometries.append(g)
+                if targets:
+                    c, b = assign_targets(to_input_boxes(boxes, g), labels, centres)
+                    cls_ts.append(c)
+                    box_ts.append(b)
         x = np.stack(tensors)
         # cut == 0 (full fine-tuning): the cache is the input itself.
         acts = trunk(x) if cut > 0 else {-1: x}
-        for i, a in acts.items():
-            chunks.setdefault(i, []).append(torch.from_numpy(a).to(torch.float16))
-    out = Prepared(cache={i: torch.cat(v) for i, v in chunks.items()}, geometries=geometries)
+        for k, a in acts.items():
+            chunks.setdefault(k, []).append(torch.from_numpy(a).to(torch.float16))
+    out = Prepared(cache={k: torch.cat(v) for k, v in chunks.items()}, geometries=geometries, views=views)
     if targets:
         out.cls_t = torch.from_numpy(np.stack(cls_ts))
         out.box_t = torch.from_numpy(np.stack(box_ts))

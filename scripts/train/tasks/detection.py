@@ -14,8 +14,14 @@ differ the class layer is re-initialised, keeping the rows of classes both share
 Speed comes from the frozen-trunk cache, as in image classification: the frozen first blocks
 run once over every image, their outputs (and the stride-8 tap) are kept in float16, and
 training runs only the trainable blocks, the neck and the head. Training targets (which
-location answers for which box) are fixed per image, so they are computed once too. The cost is
-no data augmentation; the demo data is generated, so more scenes are the augmentation.
+location answers for which box) are fixed per image, so they are computed once too.
+
+Augmentation (`--augment none|light|strong`, recipe field `augment`) fits that cache: each
+training image is cached as several views (`scripts/train/augment_boxes.py`: view 0 the image
+itself, the others flipped, zoomed in or out, colour-jittered, greyed, blurred, JPEG-re-encoded,
+their boxes moved with the pixels), and every epoch takes one view of each image at random. An
+epoch has as many steps as without augmentation, so the cost is the trunk and the targets over
+the extra views, measured and written in the training notes.
 
 Images reach the network through `models.preprocess.ImagePreprocessor` with `letterbox`
 resizing (aspect kept, grey padding), the exact path the service runs; ground-truth boxes are
@@ -35,16 +41,14 @@ exported ONNX model through the serving postprocessing: they are the numbers the
 from __future__ import annotations
 
 import json
-import math
 import tempfile
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from models.detection import Detections, postprocess
 from models.manifest import (
     DetectionPostprocessing,
     ImagePreprocessing,
@@ -52,18 +56,29 @@ from models.manifest import (
     TensorSpec,
     WarmupSample,
 )
-from models.preprocess import DecodeLimits, ImagePreprocessor, decode_image
+from models.preprocess import ImagePreprocessor
 from models.recipes import DetectionRecipe
 
-from ..console import log, progress, timed
-from ..data.coco import DetectionDataset, DetectionSplit, load_detection_data
+from ..augment import policy
+from ..augment_boxes import views
+from ..console import log, timed
+from ..data.coco import DetectionDataset, DetectionSplit, load_coco, load_detection_data
+from ..detection_eval import (
+    above,
+    as_predictions,
+    at_threshold,
+    onnx_predict,
+    parity_check,
+    pick_warmup,
+    shifted_metrics,
+    split_report,
+)
 from ..device import describe_device, module_device
 from ..fit import FitResult, Trainer, best_row, frozen_prefix
-from ..metrics import coco_evaluate, compare_detections, pick_score_threshold
+from ..metrics import coco_evaluate, pick_score_threshold
 from ..nets.detector import (
     CHECKPOINT_KEY,
     N_BLOCKS,
-    Detector,
     build_detector,
     detection_loss,
     forward_cached,
@@ -84,82 +99,6 @@ def demo_data_root() -> Path:
     return Path(os.environ.get("GRAFT_DATA_DIR") or Path(__file__).resolve().parents[3] / "data")
 
 
-def as_predictions(dets: list[Detections]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(boxes, scores, classes) per image, as coco_evaluate takes them."""
-    return [(d.boxes, d.scores, d.classes) for d in dets]
-
-
-def onnx_predict(
-    sess: Any, split: DetectionSplit, pre: ImagePreprocessor, post: dict[str, Any], desc: str
-) -> list[Detections]:
-    """The serving path over a split: decode, letterbox, ONNX Runtime, models.detection."""
-    limits = DecodeLimits()
-    out: list[Detections] = []
-    batch = 32
-    for start in progress(range(0, len(split), batch), desc, total=math.ceil(len(split) / batch), unit="batch"):
-        pairs = [pre(decode_image(im.path.read_bytes(), limits)) for im in split.images[start : start + batch]]
-        boxes, scores = sess.run(["boxes", "scores"], {"images": np.stack([t for t, _ in pairs])})
-        for j, (_, g) in enumerate(pairs):
-            out.append(postprocess(boxes[j], scores[j], geometry=g, **post))
-    return out
-
-
-def parity_check(
-    model: Detector, sess: Any, split: DetectionSplit, pre: ImagePreprocessor, post: dict[str, Any], tolerance: float
-) -> ParityReport:
-    """Torch vs ONNX Runtime on held-out images: raw outputs and final detections."""
-    limits = DecodeLimits()
-    model.eval()
-    max_score, max_box_rel, matched, total, worst_px = 0.0, 0.0, 0, 0, 0.0
-    for start in range(0, len(split), 16):
-        pairs = [pre(decode_image(im.path.read_bytes(), limits)) for im in split.images[start : start + 16]]
-        x = np.stack([t for t, _ in pairs])
-        with torch.no_grad():
-            t_boxes, t_scores = (v.numpy() for v in model(torch.from_numpy(x)))
-        o_boxes, o_scores = sess.run(["boxes", "scores"], {"images": x})
-        max_score = max(max_score, float(np.abs(t_scores - o_scores).max()))
-        # Boxes are in pixels: compare them relative to the input size.
-        max_box_rel = max(max_box_rel, float(np.abs(t_boxes - o_boxes).max()) / max(pre.size))
-        for j, (_, g) in enumerate(pairs):
-            a = postprocess(t_boxes[j], t_scores[j], geometry=g, **post)
-            b = postprocess(o_boxes[j], o_scores[j], geometry=g, **post)
-            near = np.abs(a.scores - post["score_threshold"]) <= tolerance
-            a = Detections(a.boxes[~near], a.scores[~near], a.classes[~near])
-            m, t, w = compare_detections(a, b, tolerance)
-            matched, total, worst_px = matched + m, total + t, max(worst_px, w)
-    agreement = matched / total if total else 1.0
-    passed = bool(max_score <= tolerance and agreement >= 0.99 and worst_px <= 1.0)
-    return ParityReport(
-        samples=len(split),
-        max_abs_diff=max_score,
-        label_agreement=agreement,
-        tolerance=tolerance,
-        passed=passed,
-        extra={
-            "detections_compared": float(total),
-            "max_box_diff_px": worst_px,
-            "max_raw_box_diff_rel": max_box_rel,
-        },
-    )
-
-
-def pick_warmup(dets: list[Detections], threshold: float) -> int:
-    """A test image whose detections are far from every decision boundary (a robust load check)."""
-    for i, d in enumerate(dets):
-        if len(d) and np.all(np.abs(d.scores - threshold) > 0.05):
-            return i
-    return 0
-
-
-def above(dets: list[Detections], threshold: float) -> list[Detections]:
-    """Detections above the served threshold (what a client sees by default)."""
-    out = []
-    for d in dets:
-        k = d.scores > threshold
-        out.append(Detections(d.boxes[k], d.scores[k], d.classes[k]))
-    return out
-
-
 class ObjectDetection(Task[DetectionRecipe]):
     name = "object-detection"
     select = "val_map"  # mAP@[.5:.95]: mAP@0.5 saturates early on easy data while boxes keep improving
@@ -174,6 +113,9 @@ class ObjectDetection(Task[DetectionRecipe]):
         else:
             data = self._demo_data()
         self.data: DetectionDataset = data
+        self.shifted: DetectionSplit | None = None
+        if not o.data:  # the demo data's shifted split, for evaluation only
+            self.shifted = load_coco(self.folder / "shifted.json", "shifted")[1]
         splits = {"train": len(data.train), "val": len(data.val), "test": len(data.test)}
         objects = f"objects train {data.train.objects}, val {data.val.objects}, test {data.test.objects}"
         return DataSummary(data.name, data.labels, splits, data.sha256, data.description, f"{data.labels}; {objects}")
@@ -184,14 +126,16 @@ class ObjectDetection(Task[DetectionRecipe]):
         spec = DemoSpec(**self.recipe.demo_data.as_config())
         try:
             with timed("demo data", self.run.timings):
-                folder = ensure_demo_data(demo_data_root(), spec)
+                self.folder = ensure_demo_data(demo_data_root(), spec)
         except FileNotFoundError as e:  # Fashion-MNIST, whose items the scenes are made of
             raise SystemExit(f"detection demo data: {e}") from e
-        data = load_detection_data(folder, self.options.seed, self.recipe.train_limit)
+        data = load_detection_data(self.folder, self.options.seed, self.recipe.train_limit)
         data.name = "graft-detection-demo"
         data.description = (
             f"generated by scripts/train/data/detection_demo.py (seed {spec.seed}, key {spec.key()}): Fashion-MNIST "
-            f"items ({', '.join(data.labels)}) pasted on real photos; test items and two backgrounds unseen in training"
+            f"items ({', '.join(data.labels)}) pasted on real photos, {spec.untinted:.0%} of train/val items "
+            "untinted; test items and two backgrounds unseen in training; a shifted split (untinted items, wider "
+            "scales, unseen backgrounds and textures) for evaluation only"
         )
         return data
 
@@ -219,12 +163,27 @@ class ObjectDetection(Task[DetectionRecipe]):
                 p.requires_grad_(i >= self.cut)
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        level, n_views = r.augment, views(r.augment)
         with timed("preprocess + frozen trunk", run.timings), tempfile.TemporaryDirectory() as tmp:
             trunk = trunk_runner(self.model, self.cut, run.threads, Path(tmp)) if self.cut > 0 else None
+            cpu = time.process_time()
             self.train_prep = prepare(
-                self.data.train, self.pre, self.model, self.cut, trunk, "trunk train", targets=True
-            )
+                self.data.train, self.pre, self.model, self.cut, trunk, "trunk train", targets=True,
+                views=n_views, policy=policy(level), seed=self.options.seed,
+            )  # fmt: skip
+            cpu = time.process_time() - cpu
             self.val_prep = prepare(self.data.val, self.pre, self.model, self.cut, trunk, "trunk val", targets=False)
+        run.notes.append(
+            f"augmentation {level}: "
+            + (
+                f"{n_views} cached views of each training image (the image and {n_views - 1} augmented: "
+                f"{policy(level).describe()}), one drawn per image each epoch; caching them took {cpu:.1f} "
+                f"CPU-s ({cpu / n_views:.1f} CPU-s a view)"
+                if n_views > 1
+                else f"1 view of each training image (the image itself); caching it took {cpu:.1f} CPU-s"
+            )
+        )
+        log(run.notes[-1])
         c = self.model.cfg
         return Network(
             base_model=base_model,
@@ -255,7 +214,7 @@ class ObjectDetection(Task[DetectionRecipe]):
                 {"params": [p for p in new if id(p) in cls], "lr": r.head_lr if self.classes_changed else r.lr},
             ]
         opt = torch.optim.AdamW(groups, weight_decay=r.weight_decay)
-        n = len(prep.geometries)
+        n, n_views = len(prep.geometries) // prep.views, prep.views
         bs = min(r.batch_size, n)
         steps = max(1, n // bs)
         sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -266,6 +225,8 @@ class ObjectDetection(Task[DetectionRecipe]):
 
         def batches(streams) -> list[torch.Tensor]:
             perm = torch.randperm(n, generator=streams.torch)
+            if n_views > 1:  # one view of each image: item i * views + v
+                perm = perm * n_views + torch.randint(n_views, (n,), generator=streams.torch)
             return [perm[s * bs : (s + 1) * bs] for s in range(steps)]
 
         def loss(idx: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
@@ -331,27 +292,43 @@ class ObjectDetection(Task[DetectionRecipe]):
         )
 
     def evaluate(self, session: Any) -> Evaluation:
-        d = self.data
+        d, thr = self.data, self.threshold
         dets = onnx_predict(session, d.test, self.pre, self.post(EVAL_SCORE_THRESHOLD), "onnx test")
-        report = coco_evaluate(d.test, d.labels, as_predictions(dets))
-        plot = draw_predictions(d.test, above(dets, self.threshold), d.labels, self.run.staging.path("predictions.png"))
+        report, values = split_report(dets, d.test, d.labels, thr)
+        plot = draw_predictions(d.test, above(dets, thr), d.labels, self.run.staging.path("predictions.png"))
+        at = f"{at_threshold(values)} at the served threshold {thr:.2f}"
+        notes = [
+            "COCO bbox evaluation (faster-coco-eval) of the exported ONNX model through the serving "
+            f"postprocessing, score threshold {EVAL_SCORE_THRESHOLD}, {report.objects} objects",
+            f"served default score threshold {thr:.2f}: best F1 on validation ({self.val_f1:.3f}); test: {at}",
+        ]
+        summary = f"test mAP@0.5 {report.map50:.4f}, mAP@[.5:.95] {report.map:.4f}, {at} on {report.images} images"
+        shifted = None
+        if self.shifted is not None:
+            shifted = shifted_metrics(
+                session, self.shifted, d.labels, self.pre, self.post(EVAL_SCORE_THRESHOLD), thr,
+                "generated scenes training never saw: untinted (grey) items at 10-55% of the shorter side, on "
+                "backgrounds and synthetic textures no training or validation scene uses",
+            )  # fmt: skip
+            v = shifted.values
+            summary += f"; shifted mAP@0.5 {v['map50']:.4f}, mAP {v['map']:.4f}, {at_threshold(v)}"
+            notes.append(
+                f"shifted split ({shifted.samples} images, {self.shifted.objects} objects): mAP@0.5 "
+                f"{v['map50']:.4f}; {at_threshold(v)} at the served threshold"
+            )
         return Evaluation(
             values={
-                **report.values(),
+                **values,
                 "val_map50": round(self.best["val_map50"], 5),
                 "val_map": round(self.best["val_map"], 5),
                 "val_f1_at_threshold": round(self.val_f1, 5),
             },
             samples=report.images,
-            summary=f"test mAP@0.5 {report.map50:.4f}, mAP@[.5:.95] {report.map:.4f} on {report.images} images "
-            f"({report.objects} objects)",
+            summary=summary,
             per_class=report.per_class,
-            notes=[
-                "COCO bbox evaluation (faster-coco-eval) of the exported ONNX model through the serving "
-                f"postprocessing, score threshold {EVAL_SCORE_THRESHOLD}, {report.objects} objects",
-                f"served default score threshold {self.threshold:.2f}: best F1 on validation",
-            ],
+            notes=notes,
             images=[plot.name],
+            shifted=shifted,
         )
 
     def warmup(self, session: Any) -> WarmupSample:

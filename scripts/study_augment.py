@@ -144,14 +144,13 @@ def render(rows: list[dict[str, Any]]) -> str:
             "",
             "Per run, and shifted accuracy per shift:",
             "",
-            "| augment | seed | test acc | shifted acc | " + " | ".join(k.removeprefix("accuracy_") for k in kinds) + " |",
-            "| --- | --- | --- | --- | " + " | ".join("---" for _ in kinds) + " |",
+            "| augment | seed | test acc | shifted acc | " + "".join(f"{k[len('accuracy_') :]} | " for k in kinds),
+            "| --- | --- | --- | --- | " + "".join("--- | " for _ in kinds),
         ]
         for r in sorted(mine, key=lambda r: (LEVELS.index(r["augment"]), r["seed"])):
-            per = " | ".join(f"{r['shifted'].get(k, float('nan')):.4f}" for k in kinds)
-            lines.append(
-                f"| {r['augment']} | {r['seed']} | {r['test']['accuracy']:.4f} | {r['shifted']['accuracy']:.4f} | {per} |"
-            )
+            per = "".join(f"{r['shifted'].get(k, float('nan')):.4f} | " for k in kinds)
+            test, shifted = r["test"]["accuracy"], r["shifted"]["accuracy"]
+            lines.append(f"| {r['augment']} | {r['seed']} | {test:.4f} | {shifted:.4f} | {per}")
         lines.append("")
     lines += [
         "## What the recipes use",

@@ -93,6 +93,35 @@ def test_augmented_views_are_seeded_model_sized_and_change_the_pixels() -> None:
 
 def test_view_count_is_one_per_epoch_within_the_memory_budget() -> None:
     assert view_count(100, 4096, epochs=60) == 60  # a small set: a fresh view every epoch
-    assert view_count(55_000, 4096, epochs=2, budget=640 << 20) == 2
-    assert view_count(55_000, 4096, epochs=10, budget=640 << 20) == 2  # memory bounds it
+    assert view_count(5_000, 4096, epochs=2) == 2
+    assert view_count(55_000, 4096, epochs=2) == 1  # the default recipe: the image budget binds
+    assert view_count(20_000, 4096, epochs=10, images=10**6, memory=100 << 20) == 1  # memory binds
+    assert view_count(20_000, 4096, epochs=10, images=10**6, memory=400 << 20) == 5
     assert view_count(10**7, 4096, epochs=5) == 1  # never less than one
+
+
+def test_the_trainer_draws_one_cached_view_per_image_and_epoch() -> None:
+    from dataclasses import replace
+
+    import torch
+    from torch import nn
+
+    from models.recipes import IMAGE_QUICK
+    from scripts.train.fit import Streams
+    from scripts.train.tasks.image_classification import image_trainer
+
+    torch.manual_seed(0)
+    n, v = 40, 3
+    feats = torch.randn(v, n, 4, 2, 2)
+    y = np.arange(n) % 2
+    top = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    recipe = replace(IMAGE_QUICK, batch_size=16)
+    trainer = image_trainer(top, top[-1], feats, y, feats[0], y, recipe, 2, views=True)
+    batches = trainer.batches(Streams.seeded(0))
+    assert len(batches) == 3
+    which, idx = torch.cat(batches, dim=1)
+    assert sorted(idx.tolist()) == list(range(n)), "every image once an epoch"
+    assert set(which.tolist()) == set(range(v)), "drawn from all the views"
+    assert torch.equal(torch.cat(trainer.batches(Streams.seeded(0)), dim=1), torch.stack((which, idx)))
+    loss, count, _ = trainer.loss(batches[0])
+    assert count == 16 and torch.isfinite(loss)

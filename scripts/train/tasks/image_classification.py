@@ -80,15 +80,16 @@ def image_trainer(
     val_labels: np.ndarray,
     recipe: ImageClassificationRecipe,
     epochs: int,
+    *,
+    views: bool = False,
 ) -> Trainer[torch.Tensor]:
-    """SGD (Nesterov) with a one-cycle schedule on cached trunk outputs (N x ..., or V x N x ...: V
-    views of each image, one drawn per image and epoch), picked by validation accuracy."""
+    """SGD (Nesterov) with a one-cycle schedule on cached trunk outputs (N x ..., or with `views`
+    V x N x ...: V views of each image, one drawn per image and epoch), picked by validation accuracy."""
     head_ids = {id(p) for p in head.parameters()}
     body = [p for p in top.parameters() if id(p) not in head_ids and p.requires_grad]
     groups = param_groups(list(head.parameters()), body, head_lr=recipe.head_lr, lr=recipe.lr)
     opt = torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
     bs = recipe.batch_size
-    views = feats if feats.dim() == 5 else None
     n = len(labels)
     steps = -(-n // bs)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -100,14 +101,14 @@ def image_trainer(
     def batches(streams) -> list[torch.Tensor]:
         perm = torch.randperm(n, generator=streams.torch)
         chunks = [perm[i * bs : (i + 1) * bs] for i in range(steps)]
-        if views is None:
+        if not views:
             return chunks
-        pick = torch.randint(len(views), (n,), generator=streams.torch)  # which view of each image
+        pick = torch.randint(len(feats), (n,), generator=streams.torch)  # which view of each image
         return [torch.stack((pick[c], c)) for c in chunks]
 
     def loss(batch: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
-        idx = batch if views is None else batch[1]
-        x = feats[idx] if views is None else views[batch[0], idx]
+        idx = batch[1] if views else batch
+        x = feats[batch[0], idx] if views else feats[idx]
         logits = top(x.to(device, non_blocking=True))
         ce = nn.functional.cross_entropy(logits, y[idx].to(device), label_smoothing=recipe.label_smoothing)
         return ce, len(idx), {}
@@ -233,6 +234,7 @@ class ImageClassification(Task[ImageClassificationRecipe]):
             d.val.labels,
             self.recipe,
             self.recipe.epochs,
+            views=self.views > 0,
         )
 
     def finish(self, result: FitResult) -> None:
@@ -367,8 +369,9 @@ class ImageClassification(Task[ImageClassificationRecipe]):
         p_train = apply_in_batches(rest, train)
         p_train = p_train.unflatten(0, self.train_feats.shape[:2]) if self.views else p_train
         p_val = apply_in_batches(rest, self.feats["val"])
+        r = self.recipe
         trainer = image_trainer(
-            head, fresh.stages[-1], p_train, d.train.labels, p_val, d.val.labels, self.recipe, self.recipe.epochs
+            head, fresh.stages[-1], p_train, d.train.labels, p_val, d.val.labels, r, r.epochs, views=self.views > 0
         )
         result = fit(
             trainer,

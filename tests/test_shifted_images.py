@@ -125,3 +125,28 @@ def test_the_trainer_draws_one_cached_view_per_image_and_epoch() -> None:
     assert torch.equal(torch.cat(trainer.batches(Streams.seeded(0)), dim=1), torch.stack((which, idx)))
     loss, count, _ = trainer.loss(batches[0])
     assert count == 16 and torch.isfinite(loss)
+
+
+def test_shifted_metrics_run_the_session_on_every_rendered_image() -> None:
+    from scripts.train.data.shifted_images import shifted_metrics
+
+    split = _items(30)
+    pre = ImagePreprocessor(ImagePreprocessing(height=32, width=32))
+    seen: list[np.ndarray] = []
+
+    class Session:  # predicts class 1 for a bright top-left corner (inverted, some textured), else class 0
+        def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            x = feeds["input"]
+            seen.append(x.copy())
+            bright = x[:, 0, 0, 0] > 0
+            return [np.stack([~bright, bright], axis=1).astype(np.float32)]
+
+    m = shifted_metrics(Session(), split, pre, [str(i) for i in range(10)], batch=8)
+    assert m.split == "shifted-test" and m.samples == 30
+    assert sum(len(x) for x in seen) == 30 and seen[0].shape == (8, 3, 32, 32)
+    arrays, kinds = shifted_arrays(split)
+    bright = np.array([pre(Image.fromarray(a))[0][0, 0, 0] > 0 for a in arrays])
+    assert bright[np.asarray(kinds) == "inverted"].all()
+    expected = np.mean(bright.astype(int) == split.labels)
+    assert m.values["accuracy"] == pytest.approx(expected, abs=1e-5)
+    assert {f"accuracy_{k}" for k in kinds} <= set(m.values)

@@ -31,7 +31,6 @@ from models.manifest import SplitMetrics
 from models.preprocess import ImagePreprocessor
 
 from ..console import log, progress
-from ..export import run_batched
 from ..metrics import classification_report
 from .images import ImageSplit, upright
 
@@ -114,15 +113,23 @@ def describe(split: ImageSplit, seed: int = DEFAULT_SEED) -> str:
     )
 
 
-def shifted_metrics(session: Any, test: ImageSplit, pre: ImagePreprocessor, labels: list[str]) -> SplitMetrics:
+def shifted_metrics(
+    session: Any, test: ImageSplit, pre: ImagePreprocessor, labels: list[str], batch: int = 256
+) -> SplitMetrics:
     """Accuracy and macro-F1 of an exported classifier (its ONNX Runtime `session`, input through
-    the serving preprocessing `pre`) on the shifted `test` split, overall and per shift."""
-    x = np.empty((len(test), 3, pre.spec.height, pre.spec.width), dtype=np.float32)
-    kinds = []
-    for i, (img, kind) in enumerate(progress(shifted_images(test), "shifted test", total=len(test), unit="img")):
-        x[i] = pre(img)[0]
-        kinds.append(kind)
-    pred = run_batched(lambda b: session.run(["logits"], {"input": b})[0], x, 256, "onnx shifted").argmax(1)
+    the serving preprocessing `pre`) on the shifted `test` split, overall and per shift. Rendered
+    and run a batch at a time: the split is never held whole."""
+    pred = np.empty(len(test), dtype=np.int64)
+    kinds: list[str] = []
+    x = np.empty((batch, 3, pre.spec.height, pre.spec.width), dtype=np.float32)
+    images = shifted_images(test)
+    for start in progress(range(0, len(test), batch), "shifted test", total=-(-len(test) // batch), unit="batch"):
+        n = min(batch, len(test) - start)
+        for j in range(n):
+            img, kind = next(images)
+            x[j] = pre(img)[0]
+            kinds.append(kind)
+        pred[start : start + n] = session.run(["logits"], {"input": x[:n]})[0].argmax(1)
     values = classification_report(test.labels, pred, labels).values()
     shift = np.asarray(kinds)
     for kind in dict.fromkeys(kinds):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -79,14 +80,27 @@ def run_arm(setting: str, level: str, seed: int) -> dict[str, Any]:
         "shifted": dict(shifted.values),
         "cpu_s": timings.get("cpu_total"),
         "wall_s": round(m.training.wall_time_s, 1),
-        "augment_wall_s": timings.get("augmented views", 0.0),
+        "augment_wall_s": augment_cost(m.training.notes)[0],
+        "augment_cpu_s": augment_cost(m.training.notes)[1],
         "train_wall_s": timings.get("train"),
         "notes": [n for n in m.training.notes if "augmentation" in n],
     }
 
 
+def augment_cost(notes: list[str]) -> tuple[float, float]:
+    """(wall, CPU) seconds the augmentation note says the views cost; zeros without augmentation."""
+    for note in notes:
+        found = re.search(r"Cost: ([\d.]+) s \(([\d.]+) CPU-s\)", note)
+        if note.startswith("augmentation") and found:
+            return float(found.group(1)), float(found.group(2))
+    return 0.0, 0.0
+
+
 def load_rows() -> list[dict[str, Any]]:
-    return json.loads(JSON.read_text())["rows"] if JSON.is_file() else []
+    rows = json.loads(JSON.read_text())["rows"] if JSON.is_file() else []
+    for r in rows:  # rows written before the views' cost had its own fields
+        r["augment_wall_s"], r["augment_cpu_s"] = augment_cost(r["notes"])
+    return rows
 
 
 def save(rows: list[dict[str, Any]]) -> None:
@@ -130,17 +144,26 @@ def render(rows: list[dict[str, Any]]) -> str:
         lines += [
             f"## {setting}: {what}",
             "",
-            "| augment | seeds | test accuracy | test macro-F1 | shifted accuracy | shifted macro-F1 | views | CPU s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| augment | seeds | test accuracy | test macro-F1 | shifted accuracy | shifted macro-F1 | "
+            "vs none (test, shifted; same seeds) | views per image | CPU s (of which views) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for level in LEVELS:
             arm = [r for r in mine if r["augment"] == level]
             if not arm:
                 continue
+            seeds = [r["seed"] for r in arm]
+            base = [r for r in mine if r["augment"] == "none" and r["seed"] in seeds]
+            delta = ""
+            if level != "none" and len(base) == len(arm):
+                dt = _mean(arm, "test", "accuracy") - _mean(base, "test", "accuracy")
+                ds = _mean(arm, "shifted", "accuracy") - _mean(base, "shifted", "accuracy")
+                delta = f"{100 * dt:+.1f} pts, {100 * ds:+.1f} pts"
             lines.append(
-                f"| {level} | {', '.join(str(r['seed']) for r in arm)} | {_mean(arm, 'test', 'accuracy'):.4f} | "
+                f"| {level} | {', '.join(map(str, seeds))} | {_mean(arm, 'test', 'accuracy'):.4f} | "
                 f"{_mean(arm, 'test', 'macro_f1'):.4f} | {_mean(arm, 'shifted', 'accuracy'):.4f} | "
-                f"{_mean(arm, 'shifted', 'macro_f1'):.4f} | {arm[0]['augment_views']} | {_mean(arm, 'cpu_s'):.0f} |"
+                f"{_mean(arm, 'shifted', 'macro_f1'):.4f} | {delta} | {arm[0]['augment_views']} | "
+                f"{_mean(arm, 'cpu_s'):.0f} ({_mean(arm, 'augment_cpu_s'):.0f}) |"
             )
         kinds = sorted({k for r in mine for k in r["shifted"] if k.startswith("accuracy_")})
         lines += [
@@ -162,7 +185,7 @@ def render(rows: list[dict[str, Any]]) -> str:
         f"`augment={IMAGE_DEFAULT.augment!r}`.",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def main(argv: list[str] | None = None) -> int:

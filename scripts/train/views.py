@@ -9,11 +9,11 @@ views. Training steps cost what they cost without augmentation; the price is `K`
 passes over the training set, and `K` times its features in memory.
 
 `K` is the number of epochs (a new view of every image each epoch: what running the trunk per
-batch would give; for a few hundred images that costs seconds), bounded by two budgets that bind
-for a large training set such as the default recipe's 55,000 images: the augmented images that go
-through the trunk (each costs what a clean one does, about 4-5 ms of CPU for MobileNetV2's first
-11 blocks at 64 px, while drawing the view itself costs about 0.25 ms) and the host memory their
-features take.
+batch would give; 100 images over 60 epochs cost about 25 CPU-s), bounded by two budgets that
+bind for a large training set such as the default recipe's 55,000 images: the augmented images
+that go through the trunk (measured: about 4 ms of CPU a view with MobileNetV2's first 11 blocks
+at 64 px, of which drawing the view is about 0.25 ms) and the host memory their features take.
+See docs/generalization_images.md for what it buys.
 """
 
 from __future__ import annotations

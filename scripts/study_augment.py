@@ -235,6 +235,11 @@ def decision(rows: list[dict[str, Any]]) -> list[str]:
         f"  default recipe's 55,000 views (one per image, the view budget) would add about {ms * 55:.0f} CPU-s.",
         "- For a small `--data` folder, use the level that won on the 10-per-class rows above; with the seeds",
         "  listed there only, that is advice, not an automatic switch.",
+        *(
+            []
+            if any(r["setting"] == "default" for r in rows)
+            else ["- The default recipe has no row here yet: `python -m scripts.study_augment default --seeds 0`."]
+        ),
         "",
     ]
 

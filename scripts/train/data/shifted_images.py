@@ -107,10 +107,7 @@ def shifted_arrays(split: ImageSplit, seed: int = DEFAULT_SEED) -> tuple[np.ndar
 def describe(split: ImageSplit, seed: int = DEFAULT_SEED) -> str:
     """One line for the manifest: what the shifted split is."""
     kinds = SHIFTS if split.arrays is not None else PHOTO_SHIFTS
-    return (
-        f"the {len(split)} test images re-rendered with one shift each ({', '.join(kinds)}; seed {seed}); "
-        "never used for any choice during training"
-    )
+    return f"the {len(split):,} test images re-rendered with one shift each ({', '.join(kinds)}; seed {seed})"
 
 
 def shifted_metrics(

@@ -6,6 +6,7 @@ service runs, so evaluation measures exactly what will be served.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 from models.errors import InvalidInput
 from models.preprocess import DecodeLimits, ImagePreprocessor, decode_image
 
+from ..augment import Policy, classification_view
 from ..console import log, progress
 from . import fashion_mnist, hash_arrays
 
@@ -216,3 +218,33 @@ def to_tensors(split: ImageSplit, pre: ImagePreprocessor, desc: str) -> np.ndarr
         else:
             out[i] = pre(split.image(i))[0]
     return out
+
+
+def upright(split: ImageSplit, i: int) -> Image.Image:
+    """The i-th image whole: an array as it is, a file decoded upright (EXIF applied) as RGB."""
+    if split.paths is None:
+        return split.image(i)
+    return decode_image(split.paths[i].read_bytes(), DecodeLimits())
+
+
+def augmented_views(
+    split: ImageSplit, pre: ImagePreprocessor, policy: Policy, views: int, seed: int, chunk: int = 256
+) -> Iterator[tuple[int, np.ndarray]]:
+    """`views` augmented training views of every image, chunk by chunk: (first index, an array
+    views x n x 3 x H x W), so that only features, never all the views, need to be kept.
+
+    A view is cut from the whole image, so the random resized crop happens at the resize to the
+    model's input size (Fashion-MNIST: 28 px -> 64 px), then flipped and changed in colour,
+    blur and JPEG quality (`augment.classification_view`); it then takes the serving
+    preprocessing's normalisation. Deterministic given the split, the policy and the seed.
+    """
+    rng = np.random.default_rng([seed, 20])
+    size = (pre.spec.width, pre.spec.height)
+    for start in range(0, len(split), chunk):
+        n = min(chunk, len(split) - start)
+        out = np.empty((views, n, 3, pre.spec.height, pre.spec.width), dtype=np.float32)
+        for j in range(n):
+            img = upright(split, start + j)
+            for v in range(views):
+                out[v, j] = pre(classification_view(img, policy, rng, size))[0]
+        yield start, out

@@ -10,6 +10,8 @@ the best on validation.
 Every run also measures a linear probe (the same pretrained features, only a new head) from
 the same cache, and says plainly in the manifest when fine-tuning did not beat it (negative
 transfer). `--adabn` re-estimates the frozen BatchNorm statistics on the target images first.
+`--augment` caches the trunk's features of augmented views too (scripts/train/views.py). A
+shifted test split (data/shifted_images.py) is evaluated beside the test split.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from models.recipes import ImageClassificationRecipe
 from ..console import log, timed
 from ..data.images import ImageDataset, input_size_for, load_fashion_mnist, load_image_folder, stratified_split
 from ..data.images import to_tensors as preprocess_split
+from ..data.shifted_images import shifted_metrics
 from ..device import describe_device, module_device
 from ..export import parity_message, parity_report, run_batched
 from ..fit import FitResult, Trainer, fit, frozen_prefix, param_groups
@@ -36,6 +39,7 @@ from ..metrics import classification_report
 from ..nets.backbones import Backbone, adapt_batchnorm, apply_in_batches, load_image_backbone, run_trunk
 from ..report import plot_confusion
 from ..task import Contract, DataSummary, Evaluation, ExportSpec, InitCheckpoint, Network, Task
+from ..views import augmented_features
 
 # Freeze depths `--strategy auto` tries. `full` is left out: on CPU it trains at about a third of
 # the speed of `partial` and never won on the small budgets the sweep can afford.
@@ -76,14 +80,18 @@ def image_trainer(
     val_labels: np.ndarray,
     recipe: ImageClassificationRecipe,
     epochs: int,
+    *,
+    views: bool = False,
 ) -> Trainer[torch.Tensor]:
-    """SGD (Nesterov) with a one-cycle schedule on cached trunk outputs, picked by validation accuracy."""
+    """SGD (Nesterov) with a one-cycle schedule on cached trunk outputs (N x ..., or with `views`
+    V x N x ...: V views of each image, one drawn per image and epoch), picked by validation accuracy."""
     head_ids = {id(p) for p in head.parameters()}
     body = [p for p in top.parameters() if id(p) not in head_ids and p.requires_grad]
     groups = param_groups(list(head.parameters()), body, head_lr=recipe.head_lr, lr=recipe.lr)
     opt = torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
     bs = recipe.batch_size
-    steps = -(-len(feats) // bs)
+    n = len(labels)
+    steps = -(-n // bs)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=[g["lr"] for g in groups], total_steps=epochs * steps, pct_start=0.15
     )
@@ -91,11 +99,17 @@ def image_trainer(
     device = module_device(top)
 
     def batches(streams) -> list[torch.Tensor]:
-        perm = torch.randperm(len(feats), generator=streams.torch)
-        return [perm[i * bs : (i + 1) * bs] for i in range(steps)]
+        perm = torch.randperm(n, generator=streams.torch)
+        chunks = [perm[i * bs : (i + 1) * bs] for i in range(steps)]
+        if not views:
+            return chunks
+        pick = torch.randint(len(feats), (n,), generator=streams.torch)  # which view of each image
+        return [torch.stack((pick[c], c)) for c in chunks]
 
-    def loss(idx: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
-        logits = top(feats[idx].to(device, non_blocking=True))
+    def loss(batch: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
+        idx = batch[1] if views else batch
+        x = feats[batch[0], idx] if views else feats[idx]
+        logits = top(x.to(device, non_blocking=True))
         ce = nn.functional.cross_entropy(logits, y[idx].to(device), label_smoothing=recipe.label_smoothing)
         return ce, len(idx), {}
 
@@ -190,6 +204,12 @@ class ImageClassification(Task[ImageClassificationRecipe]):
             log(self.run.notes[-1])
         with timed("frozen trunk", timings):
             self.feats = {s: run_trunk(self.trunk, x, f"trunk {s}") for s, x in self.x.items()}
+        self.train_feats, self.views = self.feats["train"], 0  # with --augment: V x N x ...
+        if self.recipe.augment != "none":
+            with timed("augmented views", timings):
+                self.train_feats, self.views, note = augmented_features(self.trunk, self.feats["train"], self)
+            log(note)
+            self.run.notes.append(note)
         trainable = sum(p.numel() for p in self.top.parameters())
         total = trainable + sum(p.numel() for p in self.trunk.parameters())
         cpu = f", {self.run.threads} thread(s)" if device.type == "cpu" else ""
@@ -208,12 +228,13 @@ class ImageClassification(Task[ImageClassificationRecipe]):
         return image_trainer(
             self.top,
             self.backbone.stages[-1],
-            self.feats["train"],
+            self.train_feats,
             d.train.labels,
             self.feats["val"],
             d.val.labels,
             self.recipe,
             self.recipe.epochs,
+            views=self.views > 0,
         )
 
     def finish(self, result: FitResult) -> None:
@@ -269,6 +290,7 @@ class ImageClassification(Task[ImageClassificationRecipe]):
             summary=f"test accuracy {report.accuracy:.4f}, macro-F1 {report.macro_f1:.4f} on {report.samples} images",
             per_class=report.per_class,
             images=[plot.name],
+            shifted=shifted_metrics(session, d.test, self.pre, d.labels),
         )
 
     def warmup(self, session: Any) -> WarmupSample:
@@ -285,7 +307,7 @@ class ImageClassification(Task[ImageClassificationRecipe]):
         return dict(self.backbone.model.state_dict()), {"backbone": self.backbone.name}
 
     def config(self) -> dict[str, Any]:
-        return {"backbone": self.backbone.name, "auto_sweep": self.sweep}
+        return {"backbone": self.backbone.name, "auto_sweep": self.sweep, "augment_views": self.views}
 
     # ---- measured choices and baselines ---------------------------------------------------------
     def auto_sweep(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -343,9 +365,13 @@ class ImageClassification(Task[ImageClassificationRecipe]):
             device, memory_format=torch.channels_last
         )
         head = nn.Sequential(*fresh.stages[fresh.feature_blocks :]).to(device)
-        p_train, p_val = apply_in_batches(rest, self.feats["train"]), apply_in_batches(rest, self.feats["val"])
+        train = self.train_feats.flatten(0, 1) if self.views else self.train_feats  # the same views as the model
+        p_train = apply_in_batches(rest, train)
+        p_train = p_train.unflatten(0, self.train_feats.shape[:2]) if self.views else p_train
+        p_val = apply_in_batches(rest, self.feats["val"])
+        r = self.recipe
         trainer = image_trainer(
-            head, fresh.stages[-1], p_train, d.train.labels, p_val, d.val.labels, self.recipe, self.recipe.epochs
+            head, fresh.stages[-1], p_train, d.train.labels, p_val, d.val.labels, r, r.epochs, views=self.views > 0
         )
         result = fit(
             trainer,

@@ -60,3 +60,9 @@ def disable_idle_tracing() -> bool:
             return False
     os.environ["OTEL_SDK_DISABLED"] = "true"
     return True
+
+
+def tracing_disabled() -> bool:
+    """Whether the OpenTelemetry SDK is off in this process: by `disable_idle_tracing` or by the
+    operator's own OTEL_SDK_DISABLED (the one setting the SDK reads)."""
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"

@@ -8,6 +8,8 @@ For /classify, on a 96x96 and a 640x480 JPEG, at concurrency 1, 16 and 64:
 
 * graft, in its default configuration (`GRAFT_WORKERS=auto`) and the other worker count;
 * graft called the way BentoML's client calls it (`/bentoml/classify`, service/bento_api.py);
+* graft with `GRAFT_FASTPATH=0`: the inference route through BentoML's whole ASGI stack, which is
+  what service/fastpath.py's short way saves;
 * an idiomatic BentoML service (scripts/bench/bentoml_peer.py: `@bentoml.api(batchable=True)`,
   default ONNX Runtime session, one worker);
 * a naive FastAPI + ONNX Runtime server (scripts/bench/naive_peer.py: one image per run);
@@ -53,6 +55,7 @@ TOKEN = "bench-admin-token"  # noqa: S105 (a loopback-only benchmark server)
 TWEET = "the flight was delayed three hours and nobody at the gate could tell us anything, not great"
 GRAFT, GRAFT_OTHER = "graft", "graft (other workers)"
 VIA_CLIENT = "graft, BentoML client's route"
+FULL_STACK = "graft, full ASGI stack"  # GRAFT_FASTPATH=0: what service/fastpath.py saves
 BENTOML_PEER, NAIVE_PEER = "BentoML service", "FastAPI + ONNX Runtime"
 
 WRK_SCRIPT = r"""
@@ -468,11 +471,13 @@ def run_all(args: argparse.Namespace, registry: Path, served: dict[str, str], to
         if not args.no_peers:
             print("[bench] starting the naive peer (FastAPI + ONNX Runtime)...", file=sys.stderr)
             servers[NAIVE_PEER] = NaivePeer(classifier)
+            env = {"GRAFT_ADMIN_TOKEN": TOKEN, "GRAFT_WORKERS": str(workers[GRAFT]), "GRAFT_FASTPATH": "0"}
+            servers[FULL_STACK] = BentoServer(registry, env=env).start()
         seconds = args.duration / args.rounds
         for case in todo:
             labels = [GRAFT, GRAFT_OTHER]
             if case.peers and not args.no_peers:
-                labels = [GRAFT, VIA_CLIENT, GRAFT_OTHER, BENTOML_PEER, NAIVE_PEER]
+                labels = [GRAFT, VIA_CLIENT, FULL_STACK, GRAFT_OTHER, BENTOML_PEER, NAIVE_PEER]
             targets = {
                 label: target_for(label, servers[GRAFT if label == VIA_CLIENT else label], case) for label in labels
             }
@@ -570,6 +575,7 @@ def names(results: dict[str, Any]) -> dict[str, str]:
         GRAFT: f"graft ({workers(w[GRAFT])}, default)",
         GRAFT_OTHER: f"graft ({workers(w[GRAFT_OTHER])})",
         VIA_CLIENT: f"graft via BentoML's client ({workers(w[GRAFT])})",
+        FULL_STACK: f"graft, full BentoML ASGI stack (GRAFT_FASTPATH=0, {workers(w[GRAFT])})",
         BENTOML_PEER: "idiomatic BentoML service (1 worker)",
         NAIVE_PEER: "naive FastAPI + ONNX Runtime",
     }
@@ -642,6 +648,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "",
         "The servers: graft in its default configuration (`GRAFT_WORKERS=auto`) and with the other worker count;",
         "graft's `/bentoml/classify`, the route `bentoml.SyncHTTPClient` calls (service/bento_api.py);",
+        "graft with `GRAFT_FASTPATH=0` (/classify through BentoML's whole ASGI stack: what service/fastpath.py saves);",
         "an idiomatic BentoML service (scripts/bench/bentoml_peer.py: `@bentoml.api(batchable=True)` over PIL",
         "images, default ONNX Runtime session, 1 worker); a naive FastAPI + ONNX Runtime server",
         "(scripts/bench/naive_peer.py: a sync route, `UploadFile`, full decode, default session, one image per run).",
@@ -657,7 +664,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     for e in results["cases"].values():
         if e["route"] != "/classify" or NAIVE_PEER not in e["runs"]:
             continue
-        order = [x for x in (GRAFT, VIA_CLIENT, GRAFT_OTHER, BENTOML_PEER, NAIVE_PEER) if x in e["runs"]]
+        order = [x for x in (GRAFT, VIA_CLIENT, FULL_STACK, GRAFT_OTHER, BENTOML_PEER, NAIVE_PEER) if x in e["runs"]]
         lines += [
             "",
             f"## /classify, {e['payload']}: graft against the alternatives",

@@ -75,7 +75,7 @@ class Timeout:
             async with deadline:
                 await self.app(scope, receive, send_started)
         except TimeoutError:
-            if started:
+            if started or not deadline.expired():  # the answer is out, or the app's own TimeoutError
                 raise
             body = json.dumps({"error": f"Not able to process the request in {self.timeout} seconds"}).encode()
             await send(

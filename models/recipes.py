@@ -93,11 +93,10 @@ class DemoScenes:
     train: int
     val: int
     test: int
-    seed: int = 0
-    untinted: float = 0.5  # share of train/val items pasted grey instead of tinted
+    seed: int = 0  # how the scenes look (item scales, untinted share) is the generator's TRAIN_STYLE
 
-    def as_config(self) -> dict[str, float]:
-        return {"train": self.train, "val": self.val, "test": self.test, "seed": self.seed, "untinted": self.untinted}
+    def as_config(self) -> dict[str, int]:
+        return {"train": self.train, "val": self.val, "test": self.test, "seed": self.seed}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -47,7 +47,7 @@ import functools
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +58,8 @@ from . import fashion_mnist
 
 CLASSES = ("T-shirt/top", "Trouser", "Sandal", "Bag", "Ankle boot")
 _FASHION_INDEX = {"T-shirt/top": 0, "Trouser": 1, "Sandal": 5, "Bag": 8, "Ankle boot": 9}
-SPLITS = ("train", "val", "test", "shifted")
-_SPLIT_ID = {"train": 0, "val": 1, "test": 2, "shifted": 3}
+SPLITS = ("train", "val", "test", "shifted")  # selection splits (SELECTION_STYLE) come on request
+_SPLIT_ID = {"train": 0, "val": 1, "test": 2, "shifted": 3, "val_tinted": 4, "val_shifted": 5}
 TEST_ONLY_BACKGROUNDS = ("china", "coffee")
 SHIFTED_ONLY_BACKGROUNDS = ("page", "text", "colorwheel", "logo", "horse")
 GENERATOR_VERSION = 2  # bump when scenes change, so cached copies are rebuilt
@@ -78,9 +78,18 @@ class SceneStyle:
     textures: float = 0.0  # share of scenes on a synthetic texture instead of a photo
 
 
+# The one definition of each split's look. TRAIN_STYLE is the training and validation scenes' (the
+# demo recipes use it); it was chosen among four candidates on the selection splits below
+# (docs/generalization_detection.md).
+TRAIN_STYLE = SceneStyle((0.10, 0.50), untinted=0.5)
 TEST_STYLE = SceneStyle((0.14, 0.42))  # the first generator's scenes, kept for the test split
 SHIFTED_STYLE = SceneStyle((0.10, 0.55), untinted=1.0, textures=0.4)
-TRAIN_FRACTION = (0.10, 0.50)
+# Selection splits: validation counterparts of test and shifted, drawn the same way but from the
+# validation items and the training photos, for comparing data settings without looking at test
+# or shifted. Generated only when asked (`DemoSpec.selection`); training never reads them.
+SELECTION_STYLE = {"val_tinted": TEST_STYLE, "val_shifted": SHIFTED_STYLE}
+# Which Fashion-MNIST item pool each split draws from.
+_ITEM_POOL = {"train": "train", "test": "test", "shifted": "test"} | {k: "val" for k in ("val", *SELECTION_STYLE)}
 
 
 @dataclass(frozen=True)
@@ -92,22 +101,25 @@ class DemoSpec:
     test: int = 300
     seed: int = 0
     shifted: int | None = None  # None: as many as test
-    untinted: float = 0.5  # train and val: share of items pasted grey
+    train_style: SceneStyle = TRAIN_STYLE  # train and val scenes
+    selection: int = 0  # scenes in each selection split (val_tinted, val_shifted); 0: none
 
     def counts(self) -> dict[str, int]:
         shifted = self.test if self.shifted is None else self.shifted
-        return {"train": self.train, "val": self.val, "test": self.test, "shifted": shifted}
+        counts = {"train": self.train, "val": self.val, "test": self.test, "shifted": shifted}
+        return counts | ({k: self.selection for k in SELECTION_STYLE} if self.selection else {})
 
     def style(self, split: str) -> SceneStyle:
         if split == "test":
             return TEST_STYLE
         if split == "shifted":
             return SHIFTED_STYLE
-        return SceneStyle(TRAIN_FRACTION, untinted=self.untinted)
+        return SELECTION_STYLE.get(split, self.train_style)
 
     def key(self) -> str:
         raw = json.dumps(
-            {"v": GENERATOR_VERSION, **self.counts(), "seed": self.seed, "untinted": self.untinted}, sort_keys=True
+            {"v": GENERATOR_VERSION, **self.counts(), "seed": self.seed, "style": asdict(self.train_style)},
+            sort_keys=True,
         )
         return hashlib.sha256(raw.encode()).hexdigest()[:10]
 
@@ -282,11 +294,11 @@ def make_scene(
 
 
 def generate(out: Path, spec: DemoSpec, *, show_progress: bool = True) -> Path:
-    """Write the three splits under `out` (see the module docstring); returns `out`."""
+    """Write the splits under `out` (see the module docstring); returns `out`."""
     out = Path(out)
     categories = [{"id": i + 1, "name": n, "supercategory": "fashion"} for i, n in enumerate(CLASSES)]
     for split, count in spec.counts().items():
-        items, item_classes = load_items("test" if split == "shifted" else split)
+        items, item_classes = load_items(_ITEM_POOL[split])
         pool, style = photo_pool(split), spec.style(split)
         folder = out / "images" / split
         folder.mkdir(parents=True, exist_ok=True)

@@ -185,6 +185,24 @@ def test_letterbox_boxes_map_back_to_original_pixels(size: tuple[int, int]) -> N
     np.testing.assert_allclose(d.boxes, [[0, 0, w, h]], atol=1e-3)
 
 
+def test_a_3x_upload_reaches_the_model_as_nearly_the_same_input() -> None:
+    """The serving path shrinks a 3x upload of a scene back to (almost) the pixels the scene itself
+    gives, with the same padding and 1/3 of the scale: boxes that move between the two uploads
+    come from the model's own sensitivity (near-tied duplicate boxes), not from the letterbox."""
+    from scripts.train.data.detection_demo import load_items, make_scene, photo_pool
+
+    items, classes = load_items("val")
+    pixels, _ = make_scene(np.random.default_rng(7), photo_pool("val"), items, classes)
+    small = Image.fromarray(pixels)
+    big = _scaled(small, 3.0)
+    pre = ImagePreprocessor(ImagePreprocessing(height=256, width=320, resize="letterbox"))
+    (xs, gs), (xb, gb) = (pre.from_bytes(encode(img, "PNG"), draft=False) for img in (small, big))
+    assert (gs.pad_x, gs.pad_y) == (gb.pad_x, gb.pad_y)
+    assert (gb.scale_x * 3, gb.scale_y * 3) == pytest.approx((gs.scale_x, gs.scale_y), rel=1e-3)
+    diff = np.abs(xs - xb)  # normalised units: one grey level is about 0.017
+    assert diff.mean() < 0.01 and diff.max() < 0.3, (diff.mean(), diff.max())
+
+
 # ---- the quick recipe's artifact -------------------------------------------------------------
 def _demo_test_split():
     cfg = recipe("object-detection", "quick")

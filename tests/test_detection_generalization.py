@@ -4,6 +4,7 @@ and the served threshold chosen on validation with precision and recall reported
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -62,6 +63,52 @@ def test_shifted_backgrounds_are_never_in_training_or_validation() -> None:
     t = demo.texture(np.random.default_rng(4), 50, 30)
     assert t.shape == (30, 50, 3) and t.std() > 5
     assert np.array_equal(t, demo.texture(np.random.default_rng(4), 50, 30))
+
+
+# First scenes of the seed-0 test and shifted splits, as generator version 2 wrote them at 744937a:
+# the test split must stay the first generator's scenes (figures compare across versions) and the
+# shifted split must not move, whatever the training style.
+PINNED = {
+    "test": "9ded614a5f240e86f3599f874948effdf94ab0311e4e95b642ce1f339ed5caef",
+    "shifted": "93f14cbc882db1d5fff6335860211e1024dacebaa680a0323d1184268b820736",
+}
+
+
+@pytest.mark.parametrize("style", [demo.TRAIN_STYLE, demo.SceneStyle((0.3, 0.5), untinted=1.0)])
+def test_test_and_shifted_scenes_are_pinned_whatever_the_training_style(tmp_path: Path, style) -> None:
+    spec = demo.DemoSpec(train=0, val=0, test=4, shifted=4, seed=0, train_style=style)
+    out = demo.generate(tmp_path / "d", spec, show_progress=False)
+    for split, digest in PINNED.items():
+        h = hashlib.sha256()
+        for path in [out / f"{split}.json", *sorted((out / "images" / split).iterdir())]:
+            h.update(path.read_bytes())
+        assert h.hexdigest() == digest, f"the {split} scenes changed"
+
+
+def test_training_style_and_selection_splits_name_the_cached_copy() -> None:
+    base = demo.DemoSpec()
+    assert base.train_style is demo.TRAIN_STYLE and base.style("train") is base.style("val") is demo.TRAIN_STYLE
+    other = demo.DemoSpec(train_style=demo.SceneStyle((0.2, 0.3), untinted=0.9))
+    assert len({base.key(), other.key(), demo.DemoSpec(selection=5).key()}) == 3
+    assert "val_tinted" not in base.counts()
+
+
+def test_selection_splits_are_drawn_like_test_and_shifted_from_validation_material(tmp_path: Path) -> None:
+    spec = demo.DemoSpec(train=0, val=0, test=0, shifted=0, seed=2, selection=3)
+    assert spec.counts() == {"train": 0, "val": 0, "test": 0, "shifted": 0, "val_tinted": 3, "val_shifted": 3}
+    assert spec.style("val_tinted") is demo.TEST_STYLE and spec.style("val_shifted") is demo.SHIFTED_STYLE
+    # Validation items, and only the photos training may see (no test-only, no shifted-only one).
+    assert demo._ITEM_POOL["val_tinted"] == demo._ITEM_POOL["val_shifted"] == "val"
+    training = {id(p) for p in demo.photo_pool("train")}
+    assert all({id(p) for p in demo.photo_pool(s)} == training for s in ("val", "val_tinted", "val_shifted"))
+    out = demo.generate(tmp_path / "s", spec, show_progress=False)
+    for split in ("val_tinted", "val_shifted"):
+        _, loaded = load_coco(out / f"{split}.json", split)
+        assert len(loaded) == 3 and loaded.objects > 0
+    # Other scenes than the test and shifted splits' (their own split ids in the seed).
+    test = demo.generate(tmp_path / "t", demo.DemoSpec(train=0, val=0, test=3, seed=2), show_progress=False)
+    for a, b in (("val_tinted", "test"), ("val_shifted", "shifted")):
+        assert (out / "images" / a / "000000.jpg").read_bytes() != (test / "images" / b / "000000.jpg").read_bytes()
 
 
 def test_untinted_items_are_grey() -> None:

@@ -16,10 +16,10 @@ Trouser, Sandal, Bag, Ankle boot. The other five are near-duplicates of these at
 (Pullover, Coat and Shirt look like T-shirt/top; Sneaker like Ankle boot; Dress like Coat), and
 with them per-class AP would measure Fashion-MNIST's own label ambiguity rather than detection.
 
-Train and val scenes paste a share of the items untinted (`DemoSpec.untinted`, 0.5 by default):
-grey, as Fashion-MNIST really is, so the detector cannot lean on saturated colour; their items
-span 10% to 50% of the shorter side. The test split keeps the first generator's scenes
-(every item tinted, 14% to 42%), so test figures compare across generator versions.
+Train and val scenes are drawn in `TRAIN_STYLE` (the one place it is defined): half of their items
+pasted untinted, grey as Fashion-MNIST really is, so the detector cannot lean on saturated colour,
+at 14% to 42% of the shorter side. The test split keeps the first generator's scenes (every item
+tinted, 14% to 42%), so test figures compare across generator versions.
 
 The shifted split measures what training never saw: every item untinted, at 10% to 55% of the
 shorter side, on backgrounds no training or validation scene uses: the two test-only photos, five
@@ -27,9 +27,13 @@ more photos kept for it alone (skimage's page, text, colorwheel, logo, horse), a
 textures (smooth colour noise, stripes, checks) in 40% of its scenes. Nothing in training, model
 selection or the threshold choice reads it.
 
-Splits never share items: train scenes use Fashion-MNIST train images 0-49,999, val scenes
-50,000-59,999, test and shifted scenes the official t10k images. Two photos (sklearn's china.jpg
-and skimage's coffee) appear only in test and shifted scenes.
+Two selection splits, made only on request (`DemoSpec.selection`), are validation counterparts
+of test and shifted for choosing data settings without reading either: val_tinted (drawn like
+test) and val_shifted (drawn like shifted), both from validation items on training photos.
+
+Splits never share items: train scenes use Fashion-MNIST train images 0-49,999, val scenes (and
+the selection splits) 50,000-59,999, test and shifted scenes the official t10k images. Two photos
+(sklearn's china.jpg and skimage's coffee) appear only in test and shifted scenes.
 
 Deterministic: scene i of a split is drawn from its own generator seeded by (seed, split, i),
 so the same command writes byte-identical files, and a smaller split is a prefix of a larger one.
@@ -47,7 +51,7 @@ import functools
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +62,8 @@ from . import fashion_mnist
 
 CLASSES = ("T-shirt/top", "Trouser", "Sandal", "Bag", "Ankle boot")
 _FASHION_INDEX = {"T-shirt/top": 0, "Trouser": 1, "Sandal": 5, "Bag": 8, "Ankle boot": 9}
-SPLITS = ("train", "val", "test", "shifted")
-_SPLIT_ID = {"train": 0, "val": 1, "test": 2, "shifted": 3}
+SPLITS = ("train", "val", "test", "shifted")  # selection splits (SELECTION_STYLE) come on request
+_SPLIT_ID = {"train": 0, "val": 1, "test": 2, "shifted": 3, "val_tinted": 4, "val_shifted": 5}
 TEST_ONLY_BACKGROUNDS = ("china", "coffee")
 SHIFTED_ONLY_BACKGROUNDS = ("page", "text", "colorwheel", "logo", "horse")
 GENERATOR_VERSION = 2  # bump when scenes change, so cached copies are rebuilt
@@ -78,9 +82,18 @@ class SceneStyle:
     textures: float = 0.0  # share of scenes on a synthetic texture instead of a photo
 
 
+# The one definition of each split's look. TRAIN_STYLE is the training and validation scenes' (both
+# demo recipes use it): chosen among four candidates (items 10-50% or 14-42%, untinted 0.35 or 0.5)
+# on the selection splits below, by a rule written down first (docs/generalization_detection.md).
+TRAIN_STYLE = SceneStyle((0.14, 0.42), untinted=0.5)
 TEST_STYLE = SceneStyle((0.14, 0.42))  # the first generator's scenes, kept for the test split
 SHIFTED_STYLE = SceneStyle((0.10, 0.55), untinted=1.0, textures=0.4)
-TRAIN_FRACTION = (0.10, 0.50)
+# Selection splits: validation counterparts of test and shifted, drawn the same way but from the
+# validation items and the training photos, for comparing data settings without looking at test
+# or shifted. Generated only when asked (`DemoSpec.selection`); training never reads them.
+SELECTION_STYLE = {"val_tinted": TEST_STYLE, "val_shifted": SHIFTED_STYLE}
+# Which Fashion-MNIST item pool each split draws from.
+_ITEM_POOL = {"train": "train", "test": "test", "shifted": "test"} | {k: "val" for k in ("val", *SELECTION_STYLE)}
 
 
 @dataclass(frozen=True)
@@ -92,22 +105,25 @@ class DemoSpec:
     test: int = 300
     seed: int = 0
     shifted: int | None = None  # None: as many as test
-    untinted: float = 0.5  # train and val: share of items pasted grey
+    train_style: SceneStyle = TRAIN_STYLE  # train and val scenes
+    selection: int = 0  # scenes in each selection split (val_tinted, val_shifted); 0: none
 
     def counts(self) -> dict[str, int]:
         shifted = self.test if self.shifted is None else self.shifted
-        return {"train": self.train, "val": self.val, "test": self.test, "shifted": shifted}
+        counts = {"train": self.train, "val": self.val, "test": self.test, "shifted": shifted}
+        return counts | ({k: self.selection for k in SELECTION_STYLE} if self.selection else {})
 
     def style(self, split: str) -> SceneStyle:
         if split == "test":
             return TEST_STYLE
         if split == "shifted":
             return SHIFTED_STYLE
-        return SceneStyle(TRAIN_FRACTION, untinted=self.untinted)
+        return SELECTION_STYLE.get(split, self.train_style)
 
     def key(self) -> str:
         raw = json.dumps(
-            {"v": GENERATOR_VERSION, **self.counts(), "seed": self.seed, "untinted": self.untinted}, sort_keys=True
+            {"v": GENERATOR_VERSION, **self.counts(), "seed": self.seed, "style": asdict(self.train_style)},
+            sort_keys=True,
         )
         return hashlib.sha256(raw.encode()).hexdigest()[:10]
 
@@ -282,11 +298,11 @@ def make_scene(
 
 
 def generate(out: Path, spec: DemoSpec, *, show_progress: bool = True) -> Path:
-    """Write the three splits under `out` (see the module docstring); returns `out`."""
+    """Write the splits under `out` (see the module docstring); returns `out`."""
     out = Path(out)
     categories = [{"id": i + 1, "name": n, "supercategory": "fashion"} for i, n in enumerate(CLASSES)]
     for split, count in spec.counts().items():
-        items, item_classes = load_items("test" if split == "shifted" else split)
+        items, item_classes = load_items(_ITEM_POOL[split])
         pool, style = photo_pool(split), spec.style(split)
         folder = out / "images" / split
         folder.mkdir(parents=True, exist_ok=True)

@@ -713,3 +713,16 @@ def rendered_base_config() -> dict[str, str]:
             key, _, value = line.partition("=")
             data[key] = value
     return data
+
+
+def test_the_repository_tracks_no_links_and_no_local_environment() -> None:
+    """A worktree's `.venv` or `data` link committed by mistake replaces those folders in every
+    checkout that merges it (git deletes the ignored folder to check the link out)."""
+    repo = REPO
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    listing = subprocess.run(["git", "ls-files", "-s"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    links = [line.split("\t", 1)[1] for line in listing.splitlines() if line.startswith("120000 ")]
+    assert not links, f"tracked symbolic links: {links}"
+    tracked = {line.split("\t", 1)[1].split("/", 1)[0] for line in listing.splitlines()}
+    assert not tracked & {".venv", "data", "build", "dist"}, sorted(tracked & {".venv", "data", "build", "dist"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,13 +51,19 @@ class BentoServer:
         self.python = python or sys.executable
         self.proc: subprocess.Popen[bytes] | None = None
         self.startup_s = 0.0  # from launching `bentoml serve` to the first /readyz 200
+        self._home: str | None = None  # this server's own BENTOML_HOME (see start)
 
     def start(self) -> BentoServer:
         # The checkout that started the server is the code it runs, whatever the venv's
         # editable install points at (another worktree, say).
         path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        # Each server its own BENTOML_HOME: every `bentoml serve` empties
+        # $BENTOML_HOME/prometheus_multiproc_dir when it starts, so servers sharing one home reset
+        # each other's /metrics (a test's second server wiped the session server's counters).
+        self._home = tempfile.mkdtemp(prefix="graft-bentoml-home-")
         env = {
             **os.environ,
+            "BENTOML_HOME": self._home,
             "PYTHONPATH": path,
             "MODEL_REGISTRY": str(self.registry),
             "BENTOML_DO_NOT_TRACK": "true",
@@ -110,6 +117,8 @@ class BentoServer:
             pass
         self.proc = None
         self._log.close()
+        if self._home:
+            shutil.rmtree(self._home, ignore_errors=True)
 
     def __enter__(self) -> BentoServer:
         return self.start()

@@ -211,3 +211,19 @@ def test_a_real_server_takes_the_short_way_and_keeps_metrics_logs_and_limits(ser
     assert re.search(r"short way through the ASGI stack: on", log), log[-3000:]
     line = r"method=POST,path=/classify,.*status=200.*request_id=fp-0"
     assert re.search(line, log), "no access-log line for /classify with its request id"
+
+
+@pytest.mark.integration
+def test_a_second_server_on_the_host_leaves_the_first_ones_metrics_alone(server, registry) -> None:
+    """Every `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it starts; the
+    test and benchmark servers each get their own home (scripts/server_process.py), as the
+    deployment notes ask of operators (docs/DEPLOY.md)."""
+    from scripts.server_process import BentoServer
+
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        client.post("/sentiment", json={"texts": ["fine"]}).raise_for_status()
+        before = _request_total(client.get("/metrics").text, "/sentiment", 200)
+        assert before >= 1
+        with BentoServer(registry):
+            after = _request_total(client.get("/metrics").text, "/sentiment", 200)
+        assert after >= before, f"/sentiment count fell from {before} to {after} when a second server started"

@@ -23,6 +23,7 @@ from models.errors import InvalidInput
 
 from .batching import QueueFull
 from .bodies import off_loop
+from .deps import Pool
 from .pool import ModelPool
 from .reload import Reloader
 from .schemas import (
@@ -34,9 +35,9 @@ from .schemas import (
     SentimentRequest,
     SentimentResponse,
 )
-from .state import Pool, current_pool, get_reloader
+from .state import current_pool, get_reloader
 from .tasks.sentiment import parse_sentiment_body
-from .uploads import float_option, image_upload_openapi, int_option, read_image_upload, str_option
+from .uploads import CLASSIFY_OPTIONS, DETECT_OPTIONS, image_upload_openapi, read_image_upload
 from .v2 import router as v2_router
 
 log = logging.getLogger("graft.http")
@@ -101,15 +102,6 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
 
-CLASSIFY_OPTIONS = {
-    "top_k": int_option(1, 1000),
-    "model": str_option(64),
-}
-DETECT_OPTIONS = {
-    "score_threshold": float_option(0.0, 1.0),
-    "max_detections": int_option(1, 1000),
-    "model": str_option(64),
-}
 MODEL_FIELD = {"type": "string", "maxLength": 64, "description": "model name; default: the task's model"}
 
 

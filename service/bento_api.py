@@ -34,10 +34,9 @@ from starlette.exceptions import HTTPException
 
 from models.errors import InvalidInput
 
-from .app import CLASSIFY_OPTIONS, DETECT_OPTIONS, read_texts
 from .batching import QueueFull
 from .state import current_pool
-from .uploads import read_image_upload
+from .uploads import CLASSIFY_OPTIONS, DETECT_OPTIONS, read_image_upload
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -103,6 +102,8 @@ class SentimentInput(IODescriptor):
 
     @classmethod
     async def from_http_request(cls, request: Request, serde: Any) -> IODescriptor:
+        from .app import read_texts  # the tokenizer's code: imported by workers only, not for the declaration
+
         with bentoml_errors():
             texts, model = await read_texts(request, current_pool())
         return cls.model_construct(texts=texts, model=model)

@@ -82,6 +82,11 @@ class Settings:
     # decoding images and parsing JSON (service/budget.py); GRAFT_REQUEST_MEMORY_MB sets it outright.
     memory_limit_mb: int | None = None
     request_memory_mb: int | None = None
+    # A lone request (a batch of one while no other worker runs a model) may run on a second
+    # session with this many threads (service/siblings.py); 0 turns it off. Only for model files
+    # of at most solo_max_mb: that session is a second copy of the model in memory.
+    solo_threads: int = 0
+    solo_max_mb: int = 64
 
     def batching(self, model_name: str) -> BatchingConfig:
         return self.batching_per_model.get(model_name, self.batching_default)
@@ -128,4 +133,6 @@ class Settings:
             reload_interval_s=_float("GRAFT_RELOAD_INTERVAL", 0.0),
             memory_limit_mb=_int("GRAFT_MEMORY_MB", 0, lo=0) or None,
             request_memory_mb=_int("GRAFT_REQUEST_MEMORY_MB", 0, lo=0) or None,
+            solo_threads=_int("GRAFT_SOLO_THREADS", cpus if workers > 1 else 0, lo=0),
+            solo_max_mb=_int("GRAFT_SOLO_MAX_MB", 64, lo=0),
         )

@@ -28,6 +28,7 @@ from models.errors import ArtifactError, InvalidInput
 from .budget import MemoryBudget
 from .config import Settings
 from .served import TASKS, ServedModel
+from .siblings import Siblings
 
 log = logging.getLogger("graft.pool")
 
@@ -84,8 +85,13 @@ class ModelPool:
         cpu_executor: Executor,
         budget: MemoryBudget | None = None,
         checksums: ChecksumCache | None = None,
+        siblings: Siblings | None = None,
     ) -> None:
         self.settings = settings
+        self.siblings = siblings  # the lone-request rule (service/siblings.py); None: off
+        # While True (the worker's first scan), versions open without their lone-request session:
+        # `open_solo_sessions` adds them once the worker is ready, so they never delay a start.
+        self.defer_solo = True
         self.budget = budget
         self.checksums = checksums  # remembered sha256 of files verified before (None: hash every time)
         self._infer = infer_executor
@@ -156,13 +162,35 @@ class ModelPool:
         for step, seconds in opened.timings.items():
             self.open_timings[step] = self.open_timings.get(step, 0.0) + seconds
         cls = TASKS[opened.artifact.manifest.task]
-        return cls(
+        model = cls(
             opened,
             settings,
             infer_executor=self._infer,
             cpu_executor=self.cpu_executor,
             budget=self.budget,
+            siblings=self.siblings,
         )
+        if not self.defer_solo:
+            self._open_solo(model)
+        return model
+
+    def _open_solo(self, model: ServedModel) -> None:
+        """Add a model's lone-request session; a failure only leaves it without one (logged)."""
+        try:
+            if model.open_solo(self.settings.solo_threads, self.settings.solo_max_mb):
+                log.info(
+                    "%s/%s: lone requests run on %d threads", model.name, model.version, self.settings.solo_threads
+                )
+        except Exception as e:
+            log.warning("%s/%s: no lone-request session (%s: %s)", model.name, model.version, type(e).__name__, e)
+
+    def open_solo_sessions(self) -> None:
+        """Give every served model its lone-request session (after the first scan; blocking)."""
+        with self._lock:
+            self.defer_solo = False
+            for model in self.served():
+                if model.solo_session is None:
+                    self._open_solo(model)
 
     def _try_open(self, state: ModelState, version: str, refused: list[str]) -> ServedModel | None:
         """Open one version, or record why it is refused (skipped while its files are unchanged)."""

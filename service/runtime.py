@@ -66,3 +66,25 @@ def tracing_disabled() -> bool:
     """Whether the OpenTelemetry SDK is off in this process: by `disable_idle_tracing` or by the
     operator's own OTEL_SDK_DISABLED (the one setting the SDK reads)."""
     return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
+def serve_supervisor(argv: list[str] | None = None) -> bool:
+    """Whether this process is `bentoml serve` itself rather than one of its workers.
+
+    `bentoml serve service:Graft` imports the service in its own process only to read the class's
+    configuration (name, workers, environment) before it starts the workers, which import it
+    again and serve every request. That first import delays every start, and graft's worker code
+    (FastAPI, ONNX Runtime, numpy, PIL, the tokenizer, graft's routes and models) is most of it:
+    about 0.6 s on the 2-core reference machine, more than the whole of bare BentoML's import.
+    service/service.py imports only the declarations there. Decided from the command line
+    (`bentoml serve ...` or `python -m bentoml serve ...`); anything else (a worker, `bentoml
+    build`, a test, a script) imports everything. GRAFT_LEAN_SUPERVISOR=0 turns it off.
+    """
+    import sys
+    from pathlib import Path
+
+    argv = sys.argv if argv is None else argv
+    if len(argv) < 2 or argv[1] != "serve" or os.environ.get("GRAFT_LEAN_SUPERVISOR", "1").strip() == "0":
+        return False
+    prog = Path(argv[0])
+    return prog.name == "bentoml" or (prog.name == "__main__.py" and prog.parent.name == "bentoml")

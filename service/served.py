@@ -13,6 +13,11 @@ per request (`finish`), and how v2 rows become items (`rows_from_tensors`, `rows
 A request with one small input (an image of a few hundred kB, a text) is prepared right on the
 event loop (`run_one`): a thread hand-off there and back costs more than decoding it. Whether the
 model then runs on the loop or on the inference thread is the batcher's call (service/batching.py).
+
+Each worker's session has the worker's share of the CPUs (`ort_threads`), the right size under
+load. A batch of one while the server's other workers have been idle for a moment runs instead on
+the model's solo session, with a thread per CPU (`open_solo`, service/siblings.py): a lone client
+gets the machine, not a share of it.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ import numpy as np
 
 from models.errors import InvalidInput
 from models.preprocess import DECODER_BYTES, MemoryHold
-from models.servable import OpenedVersion
+from models.servable import OpenedVersion, check_warmup
 
 from .batching import Batcher, QueueFull
 from .budget import AtOnce, MemoryBudget, NotNow
 from .config import Settings
+from .siblings import Siblings
 
 log = logging.getLogger("graft.served")
 
@@ -79,6 +85,7 @@ class ServedModel(ABC):
         infer_executor: Executor,
         cpu_executor: Executor,
         budget: MemoryBudget | None = None,
+        siblings: Siblings | None = None,
     ) -> None:
         self.artifact = opened.artifact
         self.manifest = opened.artifact.manifest
@@ -87,6 +94,11 @@ class ServedModel(ABC):
         self.cpu_executor = cpu_executor
         self.infer_executor = infer_executor
         self.budget = budget  # the worker's memory budget for decoding (None: unbounded, in tools)
+        # The lone-request session (`open_solo`): a thread per CPU, used for a batch of one while
+        # no worker of this server runs a model (`siblings`). None until opened, or not wanted.
+        self.siblings = siblings
+        self.solo_session: Any = None
+        self.solo_threads = 0
         self.input_names = opened.input_names
         self.output_names = opened.output_names
         cfg = settings.batching(self.manifest.name)
@@ -124,18 +136,44 @@ class ServedModel(ABC):
         """Per-batch work on the outputs, one entry per item (e.g. softmax), or None."""
         return None
 
-    def run_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One ONNX run on input tensors; every output by name."""
-        return dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+    def run_feeds(self, feeds: dict[str, np.ndarray], session: Any = None) -> dict[str, np.ndarray]:
+        """One ONNX run on input tensors (on `session`, default the model's); every output by name."""
+        return dict(zip(self.output_names, (session or self.session).run(None, feeds), strict=True))
 
     def run_batch(self, items: Sequence[Any]) -> list[RowResult]:
-        """Run the model on prepared items; one result per item, in order."""
-        outputs = self.run_feeds(self.collate(items))
+        """Run the model on prepared items; one result per item, in order. A lone item while the
+        whole server is idle runs on every CPU (the solo session); anything else on this worker's
+        share. Both sessions are the same model file: the same answer either way."""
+        feeds = self.collate(items)
+        siblings, session = self.siblings, None
+        if siblings is None:
+            outputs = self.run_feeds(feeds)
+        else:
+            if len(items) == 1 and self.solo_session is not None and siblings.all_idle():
+                session = self.solo_session
+            with siblings.running():
+                outputs = self.run_feeds(feeds, session)
         extras = self.finish(outputs)
         return [
             RowResult({name: out[i] for name, out in outputs.items()}, None if extras is None else extras[i])
             for i in range(len(items))
         ]
+
+    def open_solo(self, threads: int, max_mb: int) -> bool:
+        """Open the lone-request session (a thread per CPU, spinning only within a run) and run
+        the warm-up sample on it; False when not wanted (no siblings board, one thread, or a model
+        file over `max_mb`, whose second copy would cost more memory than the latency is worth)."""
+        path = self.artifact.model_path
+        if self.siblings is None or threads < 2 or path.stat().st_size > max_mb * 2**20:
+            return False
+        from models.runtime import create_session
+
+        session = create_session(
+            path, threads=threads, providers=tuple(self.session.get_providers()), spin_within_run=True
+        )
+        check_warmup(self.artifact, session)  # the same outputs as the serving session, and warm
+        self.solo_session, self.solo_threads = session, threads
+        return True
 
     # ---- a request's way in ------------------------------------------------------------------
     async def run_one(self, prepare: Callable[[MemoryHold | None], tuple[Any, X]], size: int) -> tuple[RowResult, X]:
@@ -192,6 +230,9 @@ class ServedModel(ABC):
                 "items": self.batcher.stats.items,
                 "largest_batch": self.batcher.stats.max_seen,
                 "on_event_loop": self.batcher.stats.on_loop,
+                # threads a lone request runs on while the server is otherwise idle (None: the
+                # worker's own share, ort_threads); service/siblings.py
+                "lone_request_threads": self.solo_threads if self.solo_session is not None else None,
             },
         }
 

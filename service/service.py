@@ -11,32 +11,51 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .runtime import limit_malloc_arenas
+from .runtime import limit_malloc_arenas, serve_supervisor
 
 limit_malloc_arenas()  # before the decode and ONNX Runtime threads exist
 
 import bentoml  # noqa: E402
 from starlette.responses import Response  # noqa: E402
 
-from models.checksums import ChecksumCache  # noqa: E402
-
-from . import tasks  # noqa: E402, F401  (registers the task runners)
-from .app import InferenceRoutes, app, classify_image, detect_objects, score_texts  # noqa: E402
 from .bento_api import ROUTE_PREFIX, ClassifyInput, DetectInput, SentimentInput, bentoml_errors  # noqa: E402
-from .budget import MemoryBudget, budget_for_this_worker  # noqa: E402
 from .config import Settings  # noqa: E402
-from .fastpath import serve_inference_first  # noqa: E402
-from .logs import install_request_id_logging  # noqa: E402
 from .middleware import BodySizeLimit, RequestId  # noqa: E402
-from .pool import ModelPool  # noqa: E402
-from .reload import Reloader, ReloadSignal, checksum_dir  # noqa: E402
 from .runtime import disable_idle_tracing, tracing_disabled  # noqa: E402
 from .schemas import ClassifyResponse, DetectResponse, SentimentResponse  # noqa: E402
-from .state import install  # noqa: E402
+
+# `bentoml serve`'s own process reads this class's configuration and starts the workers; it never
+# serves a request. There the routes are not imported (service/runtime.py: serve_supervisor) and
+# the class mounts a stand-in; every worker imports and mounts the real app.
+SUPERVISOR = serve_supervisor()
+if SUPERVISOR:
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        raise RuntimeError("graft's routes are served by the workers, not by `bentoml serve`'s own process")
+
+    import atexit
+
+    from .siblings import remove_board
+
+    atexit.register(remove_board, os.getpid())  # the workers' shared board (service/siblings.py)
+
+else:
+    from models.checksums import ChecksumCache
+
+    from . import tasks  # noqa: F401  (registers the task runners)
+    from .app import InferenceRoutes, app, classify_image, detect_objects, score_texts
+    from .budget import MemoryBudget, budget_for_this_worker
+    from .fastpath import serve_inference_first
+    from .logs import install_request_id_logging
+    from .pool import ModelPool
+    from .reload import Reloader, ReloadSignal, checksum_dir
+    from .siblings import Siblings
+    from .state import install
 
 log = logging.getLogger("graft")
 
@@ -81,6 +100,7 @@ class Graft:
             cpu_executor=self.cpu_executor,
             budget=self.budget,
             checksums=ChecksumCache(checksum_dir(Path(state_dir) if state_dir else None)),
+            siblings=Siblings.for_this_worker(self.settings.workers) if self.settings.solo_threads > 1 else None,
         )
         self.pool.scan()
         sized = budget_for_this_worker(
@@ -111,12 +131,22 @@ class Graft:
     @bentoml.on_startup
     async def _start_watcher(self) -> None:
         self.reloader.start()
+        if self.pool.siblings is not None:  # the lone-request sessions: after ready, off the loop
+            threading.Thread(target=self._open_solo_sessions, name="graft-solo", daemon=True).start()
         # Everything imported and loaded so far lives as long as the worker: move it out of the
         # collector's reach, so that full collections (triggered by per-request garbage) stay
         # short instead of scanning every BentoML, pydantic and FastAPI object each time. No full
         # collection first: it found about a hundred unreachable objects here and took 0.1-0.2 s
         # of the worker's start.
         gc.freeze()
+
+    def _open_solo_sessions(self) -> None:
+        self.pool.open_solo_sessions()
+        # They hold memory: size the decoding budget again from what the worker now holds.
+        sized = budget_for_this_worker(
+            self.settings.request_memory_mb, self.settings.memory_limit_mb, self.settings.workers
+        )
+        self.budget.limit, self.budget.source = sized.limit, sized.source
 
     @bentoml.on_shutdown
     async def _stop_watcher(self) -> None:
@@ -156,5 +186,6 @@ class Graft:
 # then the body size limit.
 Graft.add_asgi_middleware(RequestId)
 Graft.add_asgi_middleware(BodySizeLimit)
-# Outside all of that: the inference routes' short way through the stack (service/fastpath.py).
-serve_inference_first(Graft, InferenceRoutes(app), tracing_off=tracing_disabled)
+if not SUPERVISOR:
+    # Outside all of that: the inference routes' short way through the stack (service/fastpath.py).
+    serve_inference_first(Graft, InferenceRoutes(app), tracing_off=tracing_disabled)

@@ -1,15 +1,16 @@
-"""Per-worker runtime state that the HTTP routes reach through FastAPI dependencies."""
+"""Per-worker runtime state: the model pool and reloader that the HTTP routes and BentoML's API
+methods reach. Free of any web framework, so that BentoML's API declarations (service/bento_api.py)
+import it without FastAPI (service/runtime.py: `serve_supervisor`)."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import Depends
+from typing import TYPE_CHECKING
 
 from models.errors import InvalidInput
 
-from .pool import ModelPool
-from .reload import Reloader
+if TYPE_CHECKING:
+    from .pool import ModelPool
+    from .reload import Reloader
 
 _state: dict[str, object] = {}
 
@@ -22,22 +23,19 @@ def install(pool: ModelPool, reloader: Reloader) -> None:
 
 def current_pool() -> ModelPool:
     pool = _state.get("pool")
-    if not isinstance(pool, ModelPool):
+    if pool is None:
         raise InvalidInput("the service is starting; no models are loaded yet", status_code=503)
-    return pool
+    return pool  # type: ignore[return-value]
 
 
 async def get_pool() -> ModelPool:
-    """The FastAPI dependency. async on purpose: FastAPI runs a plain `def` dependency in a
-    worker thread, a thread hop on every request for a dict lookup."""
+    """The routes' FastAPI dependency (service/deps.py). async on purpose: FastAPI runs a plain
+    `def` dependency in a worker thread, a thread hop on every request for a dict lookup."""
     return current_pool()
 
 
 def get_reloader() -> Reloader:
     reloader = _state.get("reloader")
-    if not isinstance(reloader, Reloader):
+    if reloader is None:
         raise InvalidInput("the service is starting", status_code=503)
-    return reloader
-
-
-Pool = Annotated[ModelPool, Depends(get_pool)]
+    return reloader  # type: ignore[return-value]

@@ -163,6 +163,19 @@ def str_option(max_length: int) -> Callable[[str, str], str]:
 Options = Mapping[str, Callable[[str, str], Any]]
 
 
+# The options of each image route, shared by graft's routes (service/app.py) and BentoML's API
+# (service/bento_api.py): one definition of their names and limits.
+CLASSIFY_OPTIONS = {
+    "top_k": int_option(1, 1000),
+    "model": str_option(64),
+}
+DETECT_OPTIONS = {
+    "score_threshold": float_option(0.0, 1.0),
+    "max_detections": int_option(1, 1000),
+    "model": str_option(64),
+}
+
+
 def _text(part: Part) -> str:
     try:
         return part.data.decode("utf-8")

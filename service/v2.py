@@ -35,9 +35,9 @@ from models.postprocess import softmax
 
 from .bodies import off_loop, parse_held
 from .budget import MemoryBudget
+from .deps import Pool
 from .pool import ModelNotFound, ModelPool
 from .served import ServedModel
-from .state import Pool
 
 V2_DTYPES: dict[str, np.dtype | None] = {
     "BOOL": np.dtype(bool),

@@ -81,3 +81,51 @@ def test_bad_cpu_count_is_refused_by_name(monkeypatch) -> None:
     monkeypatch.setenv("GRAFT_CPUS", "two")
     with pytest.raises(ValueError, match="GRAFT_CPUS"):
         Settings.from_env()
+
+
+@pytest.mark.parametrize(
+    ("argv", "supervisor"),
+    [
+        (["/venv/bin/bentoml", "serve", "service:Graft", "--port", "3000"], True),
+        (["/venv/lib/python3.11/site-packages/bentoml/__main__.py", "serve", "service:Graft"], True),
+        (["/venv/lib/python3.11/site-packages/_bentoml_impl/worker/service.py", "service:Graft"], False),
+        (["/venv/bin/bentoml", "build"], False),
+        (["/venv/bin/pytest", "serve"], False),
+        (["python"], False),
+    ],
+)
+def test_only_the_bentoml_serve_command_is_the_supervisor(argv, supervisor, monkeypatch) -> None:
+    from service.runtime import serve_supervisor
+
+    monkeypatch.delenv("GRAFT_LEAN_SUPERVISOR", raising=False)
+    assert serve_supervisor(argv) is supervisor
+    monkeypatch.setenv("GRAFT_LEAN_SUPERVISOR", "0")
+    assert serve_supervisor(argv) is False
+
+
+def test_the_supervisor_declares_the_same_service_without_the_worker_code() -> None:
+    """`bentoml serve`'s own process gets the same service (name, workers, API routes, traffic)
+    without importing FastAPI, ONNX Runtime, numpy or PIL."""
+    import json
+    import subprocess
+    import sys
+
+    probe = (
+        "import json, sys\n"
+        "sys.argv = [sys.argv[1], 'serve', 'service:Graft']\n"
+        "import service.service as s\n"
+        "svc = s.Graft\n"
+        "heavy = sorted(m for m in ('fastapi', 'onnxruntime', 'numpy', 'PIL', 'tokenizers') if m in sys.modules)\n"
+        "print(json.dumps({'supervisor': s.SUPERVISOR, 'heavy': heavy, 'name': svc.name,\n"
+        "  'config': svc.config, 'routes': sorted(a.route for a in svc.apis.values())}, default=str))\n"
+    )
+    out = {}
+    for prog in ("/venv/bin/bentoml", "/venv/bin/python"):
+        run = subprocess.run([sys.executable, "-c", probe, prog], capture_output=True, text=True, check=True)
+        out[prog] = json.loads(run.stdout.strip().splitlines()[-1])
+    lean, full = out["/venv/bin/bentoml"], out["/venv/bin/python"]
+    assert lean["supervisor"] is True and full["supervisor"] is False
+    assert lean["heavy"] == [], lean["heavy"]
+    assert {"fastapi", "numpy", "PIL"} <= set(full["heavy"])  # (ONNX Runtime: at the first session)
+    assert {k: lean[k] for k in ("name", "config", "routes")} == {k: full[k] for k in ("name", "config", "routes")}
+    assert lean["routes"] == ["/bentoml/classify", "/bentoml/detect", "/bentoml/sentiment"]

@@ -161,16 +161,22 @@ class ServedModel(ABC):
 
     def open_solo(self, threads: int, max_mb: int) -> bool:
         """Open the lone-request session (a thread per CPU, spinning only within a run) and run
-        the warm-up sample on it; False when not wanted (no siblings board, one thread, or a model
-        file over `max_mb`, whose second copy would cost more memory than the latency is worth)."""
+        the warm-up sample on it; False when not wanted: no siblings board, no more threads than
+        the worker's own session has, a model on an accelerator (the device is the lone request's
+        already), or a model file over `max_mb` (a second copy in memory would cost more than the
+        latency is worth)."""
         path = self.artifact.model_path
-        if self.siblings is None or threads < 2 or path.stat().st_size > max_mb * 2**20:
+        providers = tuple(self.session.get_providers())
+        if (
+            self.siblings is None
+            or threads <= max(1, self.settings.ort_threads)
+            or providers != ("CPUExecutionProvider",)
+            or path.stat().st_size > max_mb * 2**20
+        ):
             return False
         from models.runtime import create_session
 
-        session = create_session(
-            path, threads=threads, providers=tuple(self.session.get_providers()), spin_within_run=True
-        )
+        session = create_session(path, threads=threads, providers=providers, spin_within_run=True)
         check_warmup(self.artifact, session)  # the same outputs as the serving session, and warm
         self.solo_session, self.solo_threads = session, threads
         return True

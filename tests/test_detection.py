@@ -324,19 +324,28 @@ def _scaled(img: Image.Image, factor: float) -> Image.Image:
 
 @pytest.mark.integration
 def test_boxes_follow_the_uploaded_image_size(server) -> None:
-    """The same scene uploaded 3x larger: same objects, boxes 3x larger (letterbox inverted)."""
+    """The same scene uploaded 3x larger: same objects, boxes 3x larger (letterbox inverted).
+
+    The 3x image is a resampled copy, so a score moves by a few hundredths: a box just above the
+    served threshold at 1x (0.562 against 0.55 for one model) can fall just below it at 3x
+    (0.541), which says nothing about geometry. The 3x upload is therefore asked with a lower
+    threshold, and a 1x box is looked for among 3x boxes scoring at most 0.1 less."""
     im = _demo_test_split().images[1]
     small = decode_image(im.path.read_bytes())
     big = _scaled(small, 3.0)
     a = _detect(server, encode(small, "PNG")).json()
-    b = _detect(server, encode(big, "PNG")).json()
+    b = _detect(server, encode(big, "PNG"), score_threshold="0.3").json()
     assert (b["width"], b["height"]) == big.size
     assert a["detections"], "no detections on a test scene"
     for d in a["detections"]:
         if d["score"] < 0.5:
             continue
         target = np.asarray(d["box"], np.float32) * 3.0
-        same = [np.asarray(e["box"], np.float32) for e in b["detections"] if e["label"] == d["label"]]
+        same = [
+            np.asarray(e["box"], np.float32)
+            for e in b["detections"]
+            if e["label"] == d["label"] and e["score"] >= d["score"] - 0.1
+        ]
         assert same, f"{d} not found on the 3x image"
         err = np.abs(np.stack(same) - target).max(1).min()
         assert err <= 3 * 3.0, f"box {d['box']} x3 is {err:.1f} px off on the 3x image"

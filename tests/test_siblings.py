@@ -114,6 +114,9 @@ def test_a_lone_request_runs_on_the_solo_session_only_while_the_server_is_idle(c
 def test_no_solo_session_when_it_would_not_pay(classifier, image_artifact: Path) -> None:
     model, _ = classifier
     assert not model.open_solo(threads=1, max_mb=64)  # no CPU to add
+    model.settings = dataclasses.replace(model.settings, ort_threads=2)
+    assert not model.open_solo(threads=2, max_mb=64)  # the worker's session has as many threads
+    model.settings = dataclasses.replace(model.settings, ort_threads=1)
     assert not model.open_solo(threads=2, max_mb=0)  # the model file is over the memory cap
     assert model.solo_session is None and model.describe()["batching"]["lone_request_threads"] is None
     model.siblings = None  # one worker, or no board: nothing to consult

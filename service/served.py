@@ -143,7 +143,8 @@ class ServedModel(ABC):
     def run_batch(self, items: Sequence[Any]) -> list[RowResult]:
         """Run the model on prepared items; one result per item, in order. A lone item while the
         whole server is idle runs on every CPU (the solo session); anything else on this worker's
-        share. Both sessions are the same model file: the same answer either way."""
+        share. Both sessions are the same model file: the same answer either way (to float rounding:
+        the thread count changes the order of sums)."""
         feeds = self.collate(items)
         siblings, session = self.siblings, None
         if siblings is None:

@@ -58,7 +58,7 @@ class Siblings:
             self._board = mmap.mmap(fd, BOARD_BYTES)
         finally:
             os.close(fd)
-        self.path, self.index, self.workers = path, index, workers
+        self.index, self.workers = index, workers
         self._runs = 0  # this worker's runs in progress (the event loop and the inference thread)
         self._lock = threading.Lock()
         self._others = struct.Struct(f"{workers}d")
@@ -107,10 +107,6 @@ class Siblings:
                 self._runs -= 1
                 if not self._runs:
                     _SLOT.pack_into(self._board, self.index * _SLOT.size, time.monotonic())
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._board.close()
 
 
 def remove_board(supervisor_pid: int) -> None:

@@ -82,7 +82,7 @@ class Settings:
     # decoding images and parsing JSON (service/budget.py); GRAFT_REQUEST_MEMORY_MB sets it outright.
     memory_limit_mb: int | None = None
     request_memory_mb: int | None = None
-    # A lone request (a batch of one while no other worker runs a model) may run on a second
+    # A lone request (a batch of one while no worker has run a model for 50 ms) may run on a second
     # session with this many threads (service/siblings.py); 0 turns it off. Only for model files
     # of at most solo_max_mb: that session is a second copy of the model in memory.
     solo_threads: int = 0

@@ -34,6 +34,7 @@ import numpy as np
 
 from models.errors import InvalidInput
 from models.preprocess import DECODER_BYTES, MemoryHold
+from models.runtime import CPU_PROVIDER, create_session
 from models.servable import OpenedVersion, check_warmup
 
 from .batching import Batcher, QueueFull
@@ -171,12 +172,10 @@ class ServedModel(ABC):
         if (
             self.siblings is None
             or threads <= max(1, self.settings.ort_threads)
-            or providers != ("CPUExecutionProvider",)
+            or providers != (CPU_PROVIDER,)
             or path.stat().st_size > max_mb * 2**20
         ):
             return False
-        from models.runtime import create_session
-
         session = create_session(path, threads=threads, providers=providers, spin_within_run=True)
         check_warmup(self.artifact, session)  # the same outputs as the serving session, and warm
         self.solo_session, self.solo_threads = session, threads

@@ -11,7 +11,9 @@ less than the two thread hand-offs (loop -> inference thread -> loop) it would o
 and with a worker per CPU there is no second core for the loop to use meanwhile. Long runs (a
 detector's batch, a batch of long texts) stay on the thread, so that the loop keeps answering
 probes and reading new requests while they run. A batch due on the loop takes only as many items
-as fit in `loop_run_ms`; the rest wait one turn of the loop, in which new requests are read.
+as fit in `loop_run_ms`. After a batch on the loop, the loop first sends the answers and reads and
+prepares the requests that arrived while the batch held it (`Batcher._settle`), so that the next
+batch takes all of them.
 
 Why not BentoML's own `batchable=True` dispatcher: it takes exactly one list-typed argument,
 so preprocessing and per-request options (top_k, thresholds, model) cannot ride along; it
@@ -32,6 +34,13 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# Event-loop turns a batcher gives new requests after a batch on the loop (`Batcher._settle`). With one
+# turn, a worker's batches at 8 concurrent clients averaged 2.7 requests (never more than 4): the
+# requests that arrived during a batch were read in that turn but not yet prepared, so most of them
+# missed the next batch. Measured in the same run on one worker: 8 turns 611 req/s, 1 turn 521
+# (average batch 6.3 against 2.7), p50 13.0 against 14.6 ms.
+SETTLE_TURNS = 8
 
 
 class QueueFull(Exception):
@@ -172,9 +181,26 @@ class Batcher(Generic[T, R]):
                     if not fut.done():
                         fut.set_result(res)
             if on_loop:
-                # Let the answered requests respond, and requests that arrived meanwhile be read,
-                # before the next batch takes the loop again.
-                await asyncio.sleep(0)
+                await self._settle(limit)
+
+    async def _settle(self, limit: int) -> None:
+        """After a batch on the event loop: give the loop turns to send the answers and to read and
+        prepare the requests that arrived while the batch held it, until two turns in a row bring
+        none (a request read in one turn is prepared in the next), a full batch waits, or
+        SETTLE_TURNS turns. With nothing arriving that is two turns in which the answer is already
+        on its way, so a lone client waits for nothing; under load the next batch takes every
+        request that is ready rather than the first one or two of them."""
+        queued, quiet = len(self._queue), 0
+        for _ in range(SETTLE_TURNS):
+            if queued >= limit:
+                return
+            await asyncio.sleep(0)
+            if len(self._queue) > queued:
+                queued, quiet = len(self._queue), 0
+            else:
+                quiet += 1
+                if quiet == 2:
+                    return
 
     async def drain(self) -> None:
         """Wait until every queued item has been answered."""

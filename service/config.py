@@ -87,6 +87,10 @@ class Settings:
     # of at most solo_max_mb: that session is a second copy of the model in memory.
     solo_threads: int = 0
     solo_max_mb: int = 64
+    # With 2 or more workers, a worker serving at least two more clients than another asks some to
+    # reconnect (`Connection: close`), so keep-alive connections spread over the workers
+    # (service/balance.py).
+    balance_connections: bool = True
 
     def batching(self, model_name: str) -> BatchingConfig:
         return self.batching_per_model.get(model_name, self.batching_default)
@@ -135,4 +139,5 @@ class Settings:
             request_memory_mb=_int("GRAFT_REQUEST_MEMORY_MB", 0, lo=0) or None,
             solo_threads=_int("GRAFT_SOLO_THREADS", cpus if workers > 1 else 0, lo=0),
             solo_max_mb=_int("GRAFT_SOLO_MAX_MB", 64, lo=0),
+            balance_connections=_int("GRAFT_BALANCE_CONNECTIONS", 1, lo=0) != 0,
         )

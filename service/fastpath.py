@@ -155,8 +155,15 @@ class FastPath:
         await self.app(scope, receive, send)
 
 
-def serve_inference_first(service: Any, routes: Any, *, tracing_off: Callable[[], bool]) -> None:
-    """Make `service.to_asgi()` (what each BentoML worker serves) return its app behind FastPath.
+def serve_inference_first(
+    service: Any,
+    routes: Any,
+    *,
+    tracing_off: Callable[[], bool],
+    outermost: Callable[[ASGIApp], ASGIApp] | None = None,
+) -> None:
+    """Make `service.to_asgi()` (what each BentoML worker serves) return its app behind FastPath,
+    and that behind `outermost(app)` when given (service/balance.py).
 
     BentoML offers no hook outside its own middlewares, so the service object becomes an instance
     of a subclass that overrides `to_asgi` and nothing else."""
@@ -166,7 +173,8 @@ def serve_inference_first(service: Any, routes: Any, *, tracing_off: Callable[[]
         __slots__ = ()
 
         def to_asgi(self, is_main: bool = True) -> Any:
-            return FastPath(super().to_asgi(is_main), routes, tracing_off=tracing_off)
+            asgi = FastPath(super().to_asgi(is_main), routes, tracing_off=tracing_off)
+            return asgi if outermost is None else outermost(asgi)
 
     InferenceFirst.__name__ = InferenceFirst.__qualname__ = f"{base.__name__}InferenceFirst"
     service.__class__ = InferenceFirst

@@ -8,6 +8,7 @@ size limits and error bodies are under graft's control. Start it with
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -49,6 +50,7 @@ else:
 
     from . import tasks  # noqa: F401  (registers the task runners)
     from .app import InferenceRoutes, app, classify_image, detect_objects, score_texts
+    from .balance import ConnectionBalance
     from .budget import MemoryBudget, budget_for_this_worker
     from .fastpath import serve_inference_first
     from .logs import install_request_id_logging
@@ -61,6 +63,9 @@ log = logging.getLogger("graft")
 
 SETTINGS = Settings.from_env()
 TRACING_OFF = disable_idle_tracing()
+# What this worker shares with the server's other workers (service/siblings.py): None in the
+# supervisor, with one worker, or outside `bentoml serve`.
+BOARD = None if SUPERVISOR else Siblings.for_this_worker(SETTINGS.workers)
 
 
 def process_age_s() -> float:
@@ -100,7 +105,7 @@ class Graft:
             cpu_executor=self.cpu_executor,
             budget=self.budget,
             checksums=ChecksumCache(checksum_dir(Path(state_dir) if state_dir else None)),
-            siblings=Siblings.for_this_worker(self.settings.workers) if self.settings.solo_threads > 1 else None,
+            siblings=BOARD if self.settings.solo_threads > 1 else None,
         )
         self.pool.scan()
         sized = budget_for_this_worker(
@@ -187,5 +192,8 @@ class Graft:
 Graft.add_asgi_middleware(RequestId)
 Graft.add_asgi_middleware(BodySizeLimit)
 if not SUPERVISOR:
-    # Outside all of that: the inference routes' short way through the stack (service/fastpath.py).
-    serve_inference_first(Graft, InferenceRoutes(app), tracing_off=tracing_disabled)
+    # Outside all of that: the inference routes' short way through the stack (service/fastpath.py),
+    # and outermost the connection balance between workers (service/balance.py).
+    balance = BOARD is not None and SETTINGS.balance_connections
+    outermost = functools.partial(ConnectionBalance, board=BOARD) if balance else None
+    serve_inference_first(Graft, InferenceRoutes(app), tracing_off=tracing_disabled, outermost=outermost)

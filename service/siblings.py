@@ -1,19 +1,21 @@
-"""Whether this server's other workers are running a model right now, for the lone-request rule.
+"""What the workers of one server tell each other: whether each is running a model right now (the
+lone-request rule), and how many clients each is serving (connection balance, service/balance.py).
 
 With one worker per CPU, each worker's ONNX Runtime runs on one thread (service/config.py): under
 load that is the best use of the CPUs. A lone request, though, leaves every other CPU idle while
 its model runs on one. A worker whose siblings run nothing may therefore run a batch of one on a
 second session with a thread per CPU (service/served.py: `ServedModel.run_batch`).
 
-The signal is a slot per worker in a small shared file (`/dev/shm`, else the temp folder) named
-after the `bentoml serve` process that started the workers: -1 while that worker runs a batch,
-else the time its last run ended. A worker takes the wide session only when every other worker
-has run nothing for `QUIET_S`: a lone client, not a lull between two requests of a loaded server.
-That margin matters. Two runs that overlap while one of them has threads on every CPU make its
-spinning threads wait for CPUs the other holds, for up to a scheduler time slice: with a plain
-"nobody is running right now" rule, two clients on two workers got half the requests per second
-of one thread per worker. Reading the board costs a microsecond; it is advisory, and a rare
-overlap only slows that one run.
+The board is a small shared file (`/dev/shm`, else the temp folder) named after the `bentoml
+serve` process that started the workers. Its first part has a slot per worker: -1 while that
+worker runs a batch, else the time its last run ended. A worker takes the wide session only when
+every other worker has run nothing for `QUIET_S`: a lone client, not a lull between two requests
+of a loaded server. That margin matters. Two runs that overlap while one of them has threads on
+every CPU make its spinning threads wait for CPUs the other holds, for up to a scheduler time
+slice: with a plain "nobody is running right now" rule, two clients on two workers got half the
+requests per second of one thread per worker. Its second part has, per worker, how many clients
+it served recently and when it counted them. Reading the board costs a microsecond; it is
+advisory, and a stale or torn value only costs one decision's quality.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ log = logging.getLogger("graft.siblings")
 SLOTS = 64  # workers a server can have here; a worker with a higher index does not take part
 QUIET_S = 0.05  # how long every other worker must have run nothing for a lone request to go wide
 _SLOT = struct.Struct("d")
-BOARD_BYTES = SLOTS * _SLOT.size
+_CLIENTS = struct.Struct("dd")  # (clients served in the last window, when they were counted)
+CLIENTS_AT = SLOTS * _SLOT.size  # where the second part of the board starts
+BOARD_BYTES = CLIENTS_AT + SLOTS * _CLIENTS.size
 
 
 def board_path(supervisor_pid: int) -> Path:
@@ -62,7 +66,9 @@ class Siblings:
         self._runs = 0  # this worker's runs in progress (the event loop and the inference thread)
         self._lock = threading.Lock()
         self._others = struct.Struct(f"{workers}d")
+        self._others_clients = struct.Struct(f"{2 * workers}d")
         _SLOT.pack_into(self._board, index * _SLOT.size, 0.0)
+        _CLIENTS.pack_into(self._board, CLIENTS_AT + index * _CLIENTS.size, 0.0, 0.0)
 
     @classmethod
     def for_this_worker(cls, workers: int) -> Siblings | None:
@@ -107,6 +113,20 @@ class Siblings:
                 self._runs -= 1
                 if not self._runs:
                     _SLOT.pack_into(self._board, self.index * _SLOT.size, time.monotonic())
+
+    # ---- connection balance (service/balance.py) ------------------------------------------------
+    def publish_clients(self, count: int, now: float) -> None:
+        """This worker served `count` clients in the window that ends `now` (time.monotonic)."""
+        _CLIENTS.pack_into(self._board, CLIENTS_AT + self.index * _CLIENTS.size, float(count), now)
+
+    def fewest_clients_elsewhere(self, since: float) -> int:
+        """The fewest clients any other worker serves: its last count if it counted since `since`,
+        else 0 (a worker that served nobody lately has not counted lately)."""
+        values = self._others_clients.unpack_from(self._board, CLIENTS_AT)
+        return min(
+            (int(values[2 * i]) if values[2 * i + 1] >= since else 0 for i in range(self.workers) if i != self.index),
+            default=0,
+        )
 
 
 def remove_board(supervisor_pid: int) -> None:

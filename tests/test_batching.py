@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.batching import Batcher, QueueFull
+from service.batching import SETTLE_TURNS, Batcher, QueueFull
 
 
 @pytest.fixture
@@ -204,3 +204,45 @@ def test_loop_run_ms_0_keeps_every_run_on_the_thread(executor) -> None:
         return b
 
     assert run(main()).stats.on_loop == 0
+
+
+def test_requests_read_just_after_a_loop_batch_join_the_next_one(executor, monkeypatch) -> None:
+    """A batch on the event loop holds it; the requests that arrived meanwhile are read and prepared
+    over the next few turns. They form the next batch together instead of trickling in one by one,
+    and a stream that keeps arriving turn after turn is cut after SETTLE_TURNS turns."""
+    clock = FakeClock()
+    monkeypatch.setattr("service.batching.time.perf_counter", clock)
+    sizes: list[int] = []
+    late: list[asyncio.Task[int]] = []
+
+    async def arrive(i: int, turns: int) -> int:
+        for _ in range(turns):  # read and prepared this many loop turns after the batch ends
+            await asyncio.sleep(0)
+        return await batcher[0].submit(i)
+
+    def fn(items):
+        sizes.append(len(items))
+        clock.now += 0.001 * len(items)  # 1 ms an item: up to 10 fit in loop_run_ms
+        if items == [100]:  # the trigger: requests arrive while it holds the loop
+            late.extend(asyncio.get_running_loop().create_task(arrive(i, turns=i)) for i in range(1, 5))
+        if items == [200]:  # a stream: one more request every turn, for longer than the settling
+            late.extend(asyncio.get_running_loop().create_task(arrive(300 + i, turns=i)) for i in range(1, 20))
+        return items
+
+    batcher: list[Batcher] = []
+
+    async def main():
+        b = Batcher(fn, executor=executor, max_batch_size=32, loop_run_ms=10)
+        batcher.append(b)
+        await b.submit(0)  # unmeasured: runs on the thread, measures 1 ms an item
+        assert await b.submit(100) == 100
+        assert sorted(await asyncio.gather(*late)) == [1, 2, 3, 4]
+        late.clear()
+        await b.submit(200)
+        await asyncio.gather(*late)
+
+    run(main())
+    assert sizes[:3] == [1, 1, 4], sizes  # the four latecomers in one batch
+    stream = sizes[4:]
+    assert sum(stream) == 19 and len(stream) > 1, sizes  # the stream was not waited for to its end
+    assert stream[0] <= SETTLE_TURNS + 1 and stream[0] >= 4, sizes

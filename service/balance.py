@@ -55,7 +55,6 @@ class ConnectionBalance:
         self.moved_at = float("-inf")
         self.pause = WINDOW_S
         self.fewest_at_move = -1  # the least busy worker's clients when this worker last moved
-        self.moves = 0  # clients asked to reconnect, in all (for tests and logs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client") if scope["type"] == "http" else None
@@ -69,7 +68,6 @@ class ConnectionBalance:
             self.recount(now)
         if self.to_close:
             self.to_close -= 1
-            self.moves += 1
             del self.seen[client]  # on its way to another connection, perhaps another worker
             send = _closing(send)
         await self.app(scope, receive, send)
@@ -78,8 +76,7 @@ class ConnectionBalance:
         """Forget clients quiet for a window, publish the count, and decide whether to move some."""
         self.next_count = now + RECOUNT_S
         cutoff = now - WINDOW_S
-        if len(self.seen) > 0:
-            self.seen = {c: t for c, t in self.seen.items() if t >= cutoff}
+        self.seen = {c: t for c, t in self.seen.items() if t >= cutoff}
         mine = len(self.seen)
         self.board.publish_clients(mine, now)
         if now - self.moved_at < self.pause:

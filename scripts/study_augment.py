@@ -39,6 +39,7 @@ SETTINGS: dict[str, tuple[str, ImageClassificationRecipe, str]] = {
     # The small-data schedule gives 100 images 60 epochs of one-cycle; with its early stopping
     # (15 epochs) the runs stopped in the loss spike at the peak learning rate, before the
     # schedule's annealing, so the arms were compared at an accident. Here the schedule runs out.
+    # (scripts/train/fit.py now counts such epochs only once the rate is down to half its peak.)
     "small": (
         "quick",
         replace(IMAGE_QUICK, train_limit=100, val_size=200, patience=60, baselines=False),

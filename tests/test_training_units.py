@@ -103,6 +103,26 @@ def test_early_stopping_keeps_the_best_epoch() -> None:
     assert [h["val_accuracy"] for h in result.history] == [0.5, 0.7, 0.6, 0.65]  # stopped after 2 without a gain
 
 
+def test_epochs_around_the_learning_rate_peak_do_not_count_towards_early_stopping() -> None:
+    """One-cycle over 20 epochs (the peak at epoch 3, half the peak again at about 11.5): the score
+    dips around the peak and recovers as the rate comes down. The dip does not stop the run."""
+    top, x, y = _toy()
+    dip = [0.5, 0.4, 0.3, 0.3, 0.35, 0.4, 0.45, 0.45, 0.48, 0.49, 0.49]  # epochs 1-11: no gain on epoch 1
+    scores = iter([*dip, 0.6, 0.55, 0.55, 0.55, 0.9, 0.9, 0.9, 0.9, 0.9])
+    trainer = replace_trainer(_sgd_trainer(top, x, y, 20), validate=lambda: {"val_accuracy": next(scores)})
+    result = fit(trainer, epochs=20, patience=3, seed=0)
+    # Counted only from epoch 12 on: the gain there, then three epochs without one.
+    assert [h["val_accuracy"] for h in result.history] == [*dip, 0.6, 0.55, 0.55, 0.55]
+
+
+def test_a_constant_learning_rate_still_stops_early() -> None:
+    top, x, y = _toy()
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])
+    trainer = replace_trainer(_adamw_trainer(top, x, y, 5), validate=lambda: {"val_accuracy": next(scores)})
+    result = fit(trainer, epochs=5, patience=2, seed=0)  # warm-up within epoch 1, then constant
+    assert [h["val_accuracy"] for h in result.history] == [0.5, 0.7, 0.6, 0.65]
+
+
 def test_strategies_freeze_the_leading_blocks() -> None:
     assert frozen_prefix("feature-extraction", 18, 3) == 18
     assert frozen_prefix("partial", 18, 3) == 15

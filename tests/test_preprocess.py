@@ -45,6 +45,21 @@ def test_normalisation_matches_the_manifest() -> None:
     np.testing.assert_allclose(t[:, 0, 0], [(1 - 0.5) / 0.5, (0 - 0.25) / 0.25, 0.2], rtol=1e-6)
 
 
+def test_normalisation_gives_the_values_models_were_trained_and_exported_with() -> None:
+    """Every uint8 value in every channel: the tensor is, bit for bit, (float32(x) * scale) + bias,
+    the formula the artifacts in the registry were trained and parity-checked with."""
+    spec = ImagePreprocessing(height=16, width=48)
+    pre = ImagePreprocessor(spec)
+    pixels = np.arange(16 * 48 * 3, dtype=np.uint32).reshape(16, 48, 3).astype(np.uint8)
+    std = np.asarray(spec.std, dtype=np.float32)
+    scale = (1.0 / (255.0 * std)).reshape(3, 1, 1)
+    bias = (-np.asarray(spec.mean, dtype=np.float32) / std).reshape(3, 1, 1)
+    expected = pixels.astype(np.float32).transpose(2, 0, 1) * scale + bias
+    got = pre.to_tensor(Image.fromarray(pixels))
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF"])
 def test_allowed_formats_decode(fmt: str) -> None:
     img = Image.new("RGB", (40, 30), (200, 20, 20))

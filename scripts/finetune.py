@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--parity-tolerance",
         type=float,
         default=1e-3,
-        help="max |torch - onnx| allowed on held-out outputs (default 1e-3)",
+        help="the |torch - onnx| allowed on each held-out output: this plus 1e-4 of the output's size (default 1e-3)",
     )
     return p
 

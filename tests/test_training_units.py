@@ -123,6 +123,35 @@ def test_a_constant_learning_rate_still_stops_early() -> None:
     assert [h["val_accuracy"] for h in result.history] == [0.5, 0.7, 0.6, 0.65]
 
 
+def test_parity_allows_float32_rounding_in_proportion_to_the_outputs_size() -> None:
+    """The case that was refused: logits up to about 100, the largest difference 1.5e-3 at a logit
+    of 52 (3e-5 relative), every label the same. It passes; the same difference on small logits
+    does not, nor does a real export error, nor NaN; a zero tolerance accepts an exact match."""
+    from scripts.train.export import parity_message, parity_report
+
+    rng = np.random.default_rng(0)
+    large = (rng.standard_normal((1000, 10)) * 30).astype(np.float32)
+    large[0, 3] = 52.0
+    off = large.copy()
+    off[0, 3] += 1.5e-3
+    report = parity_report(large, off, tolerance=1e-3)
+    assert report.passed and report.max_abs_diff == pytest.approx(1.5e-3, rel=0.01)
+    assert 0.2 < report.extra["tolerance_used"] < 0.3  # 1.5e-3 of 1e-3 + 1e-4 * 52
+    assert "(tolerance 0.001 + 0.0001 x |torch|)" in parity_message(report)
+
+    small = np.full((1000, 10), 0.5, dtype=np.float32)
+    small[:, 0] = 2.0
+    nudged = small.copy()
+    nudged[0, 3] += 1.5e-3
+    assert not parity_report(small, nudged, tolerance=1e-3).passed
+    assert not parity_report(large, large * 1.01, tolerance=1e-3).passed  # 1% off: an export bug
+    broken = off.copy()
+    broken[5, 5] = np.nan
+    assert not parity_report(large, broken, tolerance=1e-3).passed
+    assert parity_report(large, large.copy(), tolerance=0.0).passed
+    assert not parity_report(large, off, tolerance=0.0, relative=0.0).passed
+
+
 def test_strategies_freeze_the_leading_blocks() -> None:
     assert frozen_prefix("feature-extraction", 18, 3) == 18
     assert frozen_prefix("partial", 18, 3) == 15

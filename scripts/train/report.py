@@ -11,6 +11,8 @@ import numpy as np
 
 from models.manifest import Manifest
 
+from .export import tolerance_text
+
 if TYPE_CHECKING:
     from models.detection import Detections
 
@@ -180,7 +182,7 @@ def write_model_card(folder: Path, manifest: Manifest, images: Sequence[str] = (
         "",
         f"ONNX opset {m.export.opset}, {m.export.exporter}; onnxruntime {m.export.onnxruntime_version}.",
         f"Parity against PyTorch on {p.samples:,} held-out inputs through the serving preprocessing: "
-        f"max abs difference {p.max_abs_diff:.2e} (tolerance {p.tolerance:g}), "
+        f"max abs difference {p.max_abs_diff:.2e} (tolerance {tolerance_text(p)}), "
         f"label agreement {p.label_agreement:.4%}.",
     ]
     q = m.export.quantization

@@ -14,11 +14,13 @@ rotation as long as some model serves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from models import servable, versions
@@ -27,6 +29,7 @@ from models.errors import ArtifactError, InvalidInput
 
 from .budget import MemoryBudget
 from .config import Settings
+from .crashguard import CrashGuard
 from .served import TASKS, ServedModel
 from .siblings import Siblings
 
@@ -86,8 +89,10 @@ class ModelPool:
         budget: MemoryBudget | None = None,
         checksums: ChecksumCache | None = None,
         siblings: Siblings | None = None,
+        crash_guard: CrashGuard | None = None,
     ) -> None:
         self.settings = settings
+        self.crash_guard = crash_guard  # versions that crashed a process while opening (None: off)
         self.siblings = siblings  # the lone-request rule (service/siblings.py); None: off
         # While True (the worker's first scan), versions open without their lone-request session:
         # `open_solo_sessions` adds them once the worker is ready, so they never delay a start.
@@ -150,15 +155,25 @@ class ModelPool:
             message = message.replace(prefix + "/", "").replace(prefix, "<registry>")
         return message
 
+    def _guarded(self, folder: Path) -> contextlib.AbstractContextManager[None]:
+        """While a version is being opened: the note that lets a crash be told apart (crashguard)."""
+        return self.crash_guard.opening(folder) if self.crash_guard is not None else contextlib.nullcontext()
+
     def _open(self, name: str, version: str) -> ServedModel:
         settings = self.settings
-        opened = servable.open_version(
-            settings.registry / name / version,
-            name=name,
-            threads=settings.ort_threads,
-            providers=settings.providers,
-            checksums=self.checksums,
-        )
+        folder = settings.registry / name / version
+        if self.crash_guard is not None:
+            why = self.crash_guard.verdict(folder, name, settings.ort_threads, settings.providers)
+            if why is not None:
+                raise ArtifactError(why)
+        with self._guarded(folder):
+            opened = servable.open_version(
+                folder,
+                name=name,
+                threads=settings.ort_threads,
+                providers=settings.providers,
+                checksums=self.checksums,
+            )
         for step, seconds in opened.timings.items():
             self.open_timings[step] = self.open_timings.get(step, 0.0) + seconds
         cls = TASKS[opened.artifact.manifest.task]
@@ -177,7 +192,9 @@ class ModelPool:
     def _open_solo(self, model: ServedModel) -> None:
         """Add a model's lone-request session; a failure only leaves it without one (logged)."""
         try:
-            if model.open_solo(self.settings.solo_threads, self.settings.solo_max_mb):
+            with self._guarded(self.settings.registry / model.name / model.version):
+                opened = model.open_solo(self.settings.solo_threads, self.settings.solo_max_mb)
+            if opened:
                 log.info(
                     "%s/%s: lone requests run on %d threads", model.name, model.version, self.settings.solo_threads
                 )

@@ -52,6 +52,7 @@ else:
     from .app import InferenceRoutes, app, classify_image, detect_objects, score_texts
     from .balance import ConnectionBalance
     from .budget import MemoryBudget, budget_for_this_worker
+    from .crashguard import CrashGuard
     from .fastpath import serve_inference_first
     from .logs import install_request_id_logging
     from .pool import ModelPool
@@ -99,12 +100,14 @@ class Graft:
         # it starts at a placeholder and is set right after the first scan.
         self.budget = MemoryBudget(1)
         state_dir = os.environ.get("GRAFT_STATE_DIR")
+        checksums = checksum_dir(Path(state_dir) if state_dir else None)
         self.pool = ModelPool(
             self.settings,
             infer_executor=self.infer_executor,
             cpu_executor=self.cpu_executor,
             budget=self.budget,
-            checksums=ChecksumCache(checksum_dir(Path(state_dir) if state_dir else None)),
+            checksums=ChecksumCache(checksums),
+            crash_guard=CrashGuard(checksums / "opening"),
             siblings=BOARD if self.settings.solo_threads > 1 else None,
         )
         self.pool.scan()

@@ -35,13 +35,14 @@ log = logging.getLogger("graft.models")
 PROBE_TIMEOUT_S = 300.0  # a probe still opening after this long is stopped, and the version refused
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs (one of another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's process: not ours to judge, so not a crash of ours
+        return True
     return True
 
 
@@ -75,7 +76,7 @@ class CrashGuard:
         dead = []
         for note in self.folder.glob(self._key(version_folder) + ".*"):
             pid = note.suffix[1:]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
                 dead.append(int(pid))
         return sorted(dead)
 

@@ -28,21 +28,12 @@ from typing import Any
 
 from models import versions
 
+from .crashguard import process_alive
 from .pool import ModelPool
 
 log = logging.getLogger("graft.reload")
 
 SIGNAL_POLL_S = 0.25
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -95,7 +86,7 @@ def remove_stale_state_dirs(own: Path) -> None:
     prefix = f"graft-state-{os.getuid()}-"
     for folder in own.parent.glob(prefix + "*"):
         pid = folder.name[len(prefix) :].split("-", 1)[0]
-        if folder == own or not pid.isdigit() or _alive(int(pid)):
+        if folder == own or not pid.isdigit() or process_alive(int(pid)):
             continue
         with contextlib.suppress(OSError):
             st = folder.lstat()
@@ -147,7 +138,7 @@ class ReloadSignal:
                 pid = int(body["pid"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if _alive(pid):
+            if process_alive(pid):
                 out[pid] = body
             else:
                 with contextlib.suppress(OSError):

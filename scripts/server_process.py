@@ -78,7 +78,11 @@ class BentoServer:
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()  # a server that never got ready must not outlive the call (its workers may loop)
+            raise
         self.startup_s = time.monotonic() - t0
         return self
 

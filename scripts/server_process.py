@@ -78,13 +78,18 @@ class BentoServer:
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        self.ready_or_stop()
+        self.startup_s = time.monotonic() - t0
+        return self
+
+    def ready_or_stop(self) -> None:
+        """wait_ready, stopping the server if it fails: a server that never got ready must not
+        outlive the call that started it (its workers may be crash-looping)."""
         try:
             self.wait_ready()
         except BaseException:
-            self.stop()  # a server that never got ready must not outlive the call (its workers may loop)
+            self.stop()
             raise
-        self.startup_s = time.monotonic() - t0
-        return self
 
     def wait_ready(self, timeout: float | None = None) -> float:
         """Poll /readyz until 200; returns seconds waited. Raises with the server log on failure."""

@@ -599,7 +599,7 @@ class InstalledServer(BentoServer):
         self.proc = subprocess.Popen(
             cmd, cwd=self.workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        self.wait_ready()
+        self.ready_or_stop()
         return self
 
 

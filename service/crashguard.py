@@ -52,7 +52,10 @@ class CrashGuard:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:  # the service still starts; `opening` warns that crashes go unremembered
+            log.warning("cannot create %s (%s)", self.folder, e)
 
     def _key(self, version_folder: Path) -> str:
         return hashlib.sha256(str(Path(version_folder).resolve()).encode()).hexdigest()[:32]

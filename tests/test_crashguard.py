@@ -77,6 +77,15 @@ def test_a_note_lives_while_a_version_opens_and_marks_a_crash_only_when_its_proc
     assert guard.crashes(tmp_path / "registry" / "m" / "v2") == []
 
 
+def test_an_unwritable_notes_folder_only_turns_the_guard_off(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    guard = CrashGuard(blocker / "opening")  # cannot be created: no error, the worker still starts
+    with guard.opening(tmp_path / "registry" / "m" / "v1"):
+        pass
+    assert guard.crashes(tmp_path / "registry" / "m" / "v1") == []
+
+
 def test_a_crash_mark_is_cleared_when_a_probe_opens_the_version(tmp_path: Path, image_artifact: Path) -> None:
     guard = CrashGuard(tmp_path / "notes")
     dead = _dead_pid()

@@ -140,6 +140,63 @@ def test_raw_image_body_answers_like_the_form(server) -> None:
     assert bad.status_code == 400 and "top_k" in bad.json()["error"]
 
 
+def _exchange(url: str, head: bytes, body_parts: list[bytes], *, wait_for_continue: bool) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 request on a raw socket, as curl sends it: the head, then (after `100 Continue`
+    when asked for) the body parts. Returns (the interim line, or b"", the final answer)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    with socket.create_connection((host, port), timeout=30) as sock:
+        sock.sendall(head)
+        interim = b""
+        if wait_for_continue:
+            interim = sock.recv(65536)
+            if not interim.startswith(b"HTTP/1.1 100"):  # answered at once (a refusal): read it all
+                while chunk := sock.recv(65536):
+                    interim += chunk
+                return b"", interim
+        for part in body_parts:
+            sock.sendall(part)
+        answer = b""
+        while chunk := sock.recv(65536):  # `Connection: close`: the answer ends when the server closes
+            answer += chunk
+    return interim, answer
+
+
+def test_what_curl_sends_for_large_and_streamed_uploads(server) -> None:
+    """`Expect: 100-continue` (curl sends it for large bodies): the server asks for the body, then
+    answers; over the size limit it refuses at once, before any body is sent. A body sent in
+    chunks (`Transfer-Encoding: chunked`, no Content-Length) answers like the same bytes in one."""
+    img = encode(Image.new("RGB", (40, 30), (30, 120, 200)), "PNG")
+    expected = httpx.post(server.url + "/classify", content=img, headers={"Content-Type": "image/png"}).json()
+    head = (
+        f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(img)}\r\n"
+        "Expect: 100-continue\r\nConnection: close\r\n\r\n"
+    ).encode()
+    interim, answer = _exchange(server.url, head, [img], wait_for_continue=True)
+    assert interim.startswith(b"HTTP/1.1 100"), interim
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == expected
+
+    too_big = head.replace(f"Content-Length: {len(img)}".encode(), b"Content-Length: 999999999")
+    interim, answer = _exchange(server.url, too_big, [], wait_for_continue=True)
+    assert interim == b"" and answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+    chunked = (
+        b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    pieces = [img[i : i + 100] for i in range(0, len(img), 100)]
+    body = [b"%x\r\n%s\r\n" % (len(p), p) for p in pieces] + [b"0\r\n\r\n"]
+    _, answer = _exchange(server.url, chunked, body, wait_for_continue=False)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    payload = answer.split(b"\r\n\r\n", 1)[1]
+    if b"transfer-encoding: chunked" in answer.split(b"\r\n\r\n", 1)[0].lower():
+        payload = payload.split(b"\r\n", 1)[1].rsplit(b"\r\n0\r\n", 1)[0]
+    assert json.loads(payload) == expected
+
+
 @pytest.mark.integration
 def test_concurrent_requests_are_batched(registry: Path, image_artifact: Path, fashion_test) -> None:
     """Requests arriving while a run is in progress share the next one. Every batch runs on the

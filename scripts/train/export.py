@@ -84,8 +84,9 @@ def parity_report(
     if reference.shape != candidate.shape:
         raise ParityError(f"output shapes differ: torch {reference.shape}, onnx {candidate.shape}")
     if reference.size:
-        diff = np.abs(reference.astype(np.float64) - candidate)
-        allowed = tolerance + relative * np.abs(reference.astype(np.float64))
+        exact = reference.astype(np.float64)
+        diff = np.abs(exact - candidate)
+        allowed = tolerance + relative * np.abs(exact)
         # How much of its allowance the worst output uses (> 1: out of tolerance; NaN: not finite).
         with np.errstate(divide="ignore", invalid="ignore"):
             share = np.where(diff == 0, 0.0, diff / allowed)  # an exact match passes a zero tolerance
